@@ -1,0 +1,171 @@
+"""The build folder: stage cache, finished outputs, manifest, and their verification.
+
+```
+<out>/manifest.json  report.json  report.md  plots/  samples/  model/  onnx/  stages/
+```
+Every stage writes into ``stages/.tmp-*`` and is renamed into place when complete, with a
+``files.json`` listing the sha256 of what it wrote; the manifest is written last and lists the sha256
+of every file outside ``stages/`` and the digest of every stage folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from deploykit.errors import InputError
+from deploykit.io import atomic_write_json, sha256_file
+
+FILES_JSON = "files.json"
+MANIFEST = "manifest.json"
+STAGES = "stages"
+LOCK = ".lock"
+# Top-level outputs a build owns; replaced whole on each finalize.
+OUTPUT_DIRS = ("model", "onnx", "plots", "samples")
+
+
+def list_files(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and not any(rel.parts[0] == e for e in exclude) and not rel.name.startswith(".") \
+                and not any(part.startswith(".") for part in rel.parts):
+            out.append(p)
+    return out
+
+
+def hash_folder(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in list_files(folder, exclude)}
+
+
+def digest(files: dict[str, str]) -> str:
+    """One hash for a folder's content: its sorted (path, sha256) list."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def seal_stage(folder: Path) -> str:
+    """Record the sha256 of every file a stage wrote; returns the folder's digest."""
+    files = hash_folder(folder, exclude=(FILES_JSON,))
+    atomic_write_json(folder / FILES_JSON, files)
+    return digest(files)
+
+
+def verify_stage(folder: Path) -> tuple[str | None, list[str]]:
+    """Returns (digest, problems); a stage with problems must not be reused."""
+    listing = folder / FILES_JSON
+    if not listing.is_file():
+        return None, [f"{folder.name}: no {FILES_JSON}"]
+    try:
+        recorded = json.loads(listing.read_text())
+    except json.JSONDecodeError:
+        return None, [f"{folder.name}: {FILES_JSON} is not valid JSON"]
+    actual = hash_folder(folder, exclude=(FILES_JSON,))
+    problems = [f"{folder.name}/{rel}: " + ("missing" if rel not in actual else "sha256 differs")
+                for rel, sha in recorded.items() if actual.get(rel) != sha]
+    problems += [f"{folder.name}/{rel}: not listed in {FILES_JSON}" for rel in actual if rel not in recorded]
+    return digest(recorded), problems
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions[name.lower()] = dist.version
+    return dict(sorted(versions.items()))
+
+
+class Artifact:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.stages = self.root / STAGES
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def stage_dir(self, index: int, name: str, key: str) -> Path:
+        return self.stages / f"{index:02d}-{name}-{key[:16]}"
+
+    def work_dir(self, name: str, key: str) -> Path:
+        """A scratch folder that survives a kill (checkpoints); removed when the stage completes."""
+        return self.stages / f".work-{name}-{key[:16]}"
+
+    def clean_partial(self) -> list[str]:
+        """Remove what an interrupted build left half-written (never a finished stage)."""
+        removed = []
+        if self.stages.is_dir():
+            for p in self.stages.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        return removed
+
+    @contextmanager
+    def lock(self):
+        """One build per folder at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "a") as f:  # "a": no truncation, so the file's mtime stays put
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"{self.root} is being built by another process") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def write_manifest(self, recipe: dict, recipe_path: str, stages: list[dict]) -> dict:
+        from deploykit import __version__
+
+        manifest = {
+            "format_version": 1,
+            "deploykit": __version__,
+            "recipe_path": recipe_path,
+            "recipe": recipe,
+            "stages": stages,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+            "packages": package_versions(),
+            "files": hash_folder(self.root, exclude=(STAGES, MANIFEST)),
+        }
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            raise InputError(f"{self.root}: not a deploykit artifact (no {MANIFEST})")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"{self.manifest_path}: not valid JSON ({e})") from None
+
+    def verify(self) -> list[str]:
+        """Every problem found: files changed, missing or added since the manifest was written."""
+        manifest = self.read_manifest()
+        problems = []
+        actual = hash_folder(self.root, exclude=(STAGES, MANIFEST))
+        for rel, sha in manifest.get("files", {}).items():
+            if rel not in actual:
+                problems.append(f"{rel}: missing")
+            elif actual[rel] != sha:
+                problems.append(f"{rel}: sha256 differs from the manifest")
+        problems += [f"{rel}: not in the manifest" for rel in actual if rel not in manifest.get("files", {})]
+        for stage in manifest.get("stages", []):
+            folder = self.stages / stage["dir"]
+            if not folder.is_dir():
+                problems.append(f"stages/{stage['dir']}: missing")
+                continue
+            found, stage_problems = verify_stage(folder)
+            problems += [f"stages/{p}" for p in stage_problems]
+            if found is not None and found != stage["digest"]:
+                problems.append(f"stages/{stage['dir']}: digest differs from the manifest")
+        return problems

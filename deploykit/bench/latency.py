@@ -1,0 +1,66 @@
+"""Latency of a dense teacher and its student, measured in one run on the same inputs.
+
+These machines drift (the same session ran 1.45 s in one round, 1.75 s in the next), so teacher and
+student calls are interleaved A B A B ... and every figure comes from the same window of time. The
+speedup is teacher p50 / student p50; the median of the per-pair ratios is reported beside it as a
+check that drift did not move the ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+
+    @classmethod
+    def from_seconds(cls, times: list[float]) -> "Latency":
+        ms = np.asarray(times) * 1e3
+        return cls(float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), float(ms.mean()), float(ms.min()), len(ms))
+
+
+@dataclass
+class PairedLatency:
+    teacher: Latency
+    student: Latency
+    speedup: float              # teacher p50 / student p50
+    speedup_pair_median: float  # median over pairs of teacher time / student time
+
+
+def _time_call(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_pair(teacher: Callable[[], object], student: Callable[[], object], warmup: int, runs: int,
+                 progress: Callable[[int], None] | None = None) -> PairedLatency:
+    """Warm both up, then time ``runs`` interleaved pairs. Each callable runs one full call."""
+    for _ in range(warmup):
+        teacher()
+        student()
+    t_times, s_times = [], []
+    for i in range(runs):
+        # alternate who goes first so neither always runs on a cache the other just warmed
+        if i % 2 == 0:
+            t_times.append(_time_call(teacher))
+            s_times.append(_time_call(student))
+        else:
+            s_times.append(_time_call(student))
+            t_times.append(_time_call(teacher))
+        if progress:
+            progress(1)
+    t, s = Latency.from_seconds(t_times), Latency.from_seconds(s_times)
+    pair = statistics.median(a / b for a, b in zip(t_times, s_times))
+    return PairedLatency(t, s, t.p50_ms / s.p50_ms, pair)

@@ -1,0 +1,164 @@
+"""The command line: parses, prints, maps errors to exit codes (2 bad input, 1 internal failure)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deploykit import __version__
+from deploykit.errors import DeployKitError, InputError
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _cmd_build(args) -> int:
+    from deploykit.recipe import load_recipe
+    from deploykit.runner import build
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("artifacts") / recipe.name
+    report = build(recipe, Path(args.recipe), out, console)
+    speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
+    console.print(f"[green]built {out}[/]" + (f": speedup {speedups}" if speedups else ""))
+    if "macs_ratio" in report:
+        console.print(f"MACs ratio {report['macs_ratio']:.3f}; report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from deploykit.artifact import Artifact
+
+    artifact = Artifact(args.artifact)
+    if not artifact.root.is_dir():
+        raise InputError(f"no such artifact folder: {artifact.root}")
+    manifest = artifact.read_manifest()
+    table = Table(title=f"{artifact.root} (recipe {manifest['recipe'].get('name')})")
+    for col in ("stage", "folder", "digest"):
+        table.add_column(col)
+    for s in manifest["stages"]:
+        table.add_row(s["name"], s["dir"], s["digest"][:16])
+    console.print(table)
+    console.print(f"{len(manifest['files'])} files; deploykit {manifest['deploykit']}, python {manifest['python']}, "
+                  f"torch {manifest['packages'].get('torch', '?')}")
+    report_path = artifact.root / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        for b, s in report.get("speedup", {}).items():
+            console.print(f"  speedup {b}: {s:.2f}x")
+        if "macs_ratio" in report:
+            console.print(f"  MACs ratio: {report['macs_ratio']:.3f}")
+    problems = artifact.verify()
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise InputError(f"{artifact.root} does not match its manifest:\n  {shown}{more}")
+    console.print("[green]all hashes verified[/]")
+    return 0
+
+
+def _cmd_recipe_schema(args) -> int:
+    from deploykit.recipe import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_recipe_check(args) -> int:
+    from deploykit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    console.print(f"[green]{args.recipe}: valid[/] ({len(recipe.stages)} stages: "
+                  f"{' -> '.join(s.stage for s in recipe.stages)})")
+    return 0
+
+
+def _cmd_zoo_list(args) -> int:
+    from deploykit.zoo import ZOO
+
+    for name, entry in ZOO.items():
+        trained = (entry.folder / "unet.safetensors").is_file()
+        print(f"zoo:{name}\t{entry.description}\t{'trained' if trained else 'not trained'}")
+    return 0
+
+
+def _cmd_zoo_train(args) -> int:
+    from deploykit.zoo import get_entry
+    from deploykit.zoo.train import train_zoo_entry
+
+    try:
+        entry = get_entry(args.name)
+    except KeyError as e:
+        raise InputError(str(e.args[0])) from None
+    out = Path(args.out) if args.out else entry.folder
+    card = train_zoo_entry(entry, out, steps=args.steps)
+    console.print(f"[green]trained zoo:{entry.name}[/] into {out}: final loss {card['final_loss_mean_last_100']}, "
+                  f"classifier held-out accuracy {card['classifier_held_out_accuracy']:.3f}, {card['train_seconds']:.0f} s")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deploykit", description="Prune, recover, export and benchmark diffusion models.")
+    parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="run a recipe into an artifact folder")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/digits_cpu.yaml")
+    p.add_argument("--out", help="artifact folder (default: artifacts/<recipe name>)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("inspect", help="show an artifact and verify every hash")
+    p.add_argument("artifact")
+    p.set_defaults(func=_cmd_inspect)
+
+    recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
+    p = recipe.add_parser("schema", help="print the recipe JSON schema")
+    p.set_defaults(func=_cmd_recipe_schema)
+    p = recipe.add_parser("check", help="validate a recipe")
+    p.add_argument("recipe")
+    p.set_defaults(func=_cmd_recipe_check)
+
+    zoo = sub.add_parser("zoo", help="the project's own teachers").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("list", help="list zoo teachers")
+    p.set_defaults(func=_cmd_zoo_list)
+    p = zoo.add_parser("train", help="train a zoo teacher and its FID feature extractor")
+    p.add_argument("name")
+    p.add_argument("--steps", type=int, help="override the teacher's training steps")
+    p.add_argument("--out", help="output folder (default: the package's zoo folder)")
+    p.set_defaults(func=_cmd_zoo_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    debug = os.environ.get("DEPLOYKIT_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except InputError as e:
+        if debug:
+            raise
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; run the same command again to resume[/]")
+        return 130
+    except DeployKitError as e:
+        if debug:
+            raise
+        console.print(f"[red]failed:[/] {e}", highlight=False)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the CLI is the one place that turns failures into exit codes
+        if debug:
+            raise
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {e}\n(set DEPLOYKIT_DEBUG=1 for the traceback)",
+                      highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

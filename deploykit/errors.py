@@ -1,0 +1,9 @@
+"""Errors the CLI maps to exit codes: bad input is 2, anything else 1."""
+
+
+class DeployKitError(Exception):
+    """An internal failure with a message meant for the user (exit code 1)."""
+
+
+class InputError(DeployKitError):
+    """The user's input is wrong: a recipe, a path, a tampered artifact (exit code 2)."""

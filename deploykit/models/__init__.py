@@ -1,0 +1,7 @@
+"""Teachers in, students out: loading, saving and rebuilding models without pickle."""
+
+from deploykit.models.architecture import build, describe, load_model, save_model
+from deploykit.models.ops import count_macs, count_params
+from deploykit.models.teacher import Teacher, load_teacher
+
+__all__ = ["Teacher", "build", "count_macs", "count_params", "describe", "load_model", "load_teacher", "save_model"]

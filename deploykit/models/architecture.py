@@ -1,0 +1,133 @@
+"""Save a (possibly pruned) diffusers model without pickle, and rebuild it.
+
+A pruned model no longer matches its diffusers config, and torch-pruning's own state-dict loader
+does not handle diffusers UNets. We store the config the model was built from plus the shape of
+every layer whose shape the config does not give (``architecture.json``), and the weights as
+safetensors. Rebuilding constructs the model from its config, resizes the recorded layers in place,
+re-syncs diffusers' attributes and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deploykit.errors import InputError
+from deploykit.io import atomic_write_json, load_tensors, save_tensors
+from deploykit.models.sync import sync_diffusers_attributes
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+ARCH_NAME = "architecture.json"
+
+_MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def _model_class(name: str) -> type[nn.Module]:
+    if name not in _MODEL_CLASSES:
+        raise InputError(f"unsupported model class {name!r} (supported: {', '.join(_MODEL_CLASSES)})")
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _layer_spec(module: nn.Module) -> dict | None:
+    if isinstance(module, nn.Conv2d):
+        return {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
+                "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, nn.GroupNorm):
+        return {"type": "GroupNorm", "num_groups": module.num_groups, "num_channels": module.num_channels}
+    if isinstance(module, nn.LayerNorm):
+        return {"type": "LayerNorm", "normalized_shape": list(module.normalized_shape)}
+    return None
+
+
+def describe(model: nn.Module) -> dict:
+    """The architecture description: class, config and the shape of every resizable layer."""
+    layers = {name: spec for name, m in model.named_modules() if (spec := _layer_spec(m)) is not None}
+    return {
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+        "layers": layers,
+    }
+
+
+def _resize(module: nn.Module, spec: dict) -> None:
+    """Give ``module`` the recorded shape; weights are placeholders until the state dict loads."""
+    def fresh(*shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape))
+
+    kind = spec["type"]
+    if kind == "Conv2d":
+        assert isinstance(module, nn.Conv2d)
+        module.in_channels, module.out_channels, module.groups = spec["in_channels"], spec["out_channels"], spec["groups"]
+        module.weight = fresh(module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        if module.bias is not None:
+            module.bias = fresh(module.out_channels)
+    elif kind == "Linear":
+        assert isinstance(module, nn.Linear)
+        module.in_features, module.out_features = spec["in_features"], spec["out_features"]
+        module.weight = fresh(module.out_features, module.in_features)
+        if module.bias is not None:
+            module.bias = fresh(module.out_features)
+    elif kind == "GroupNorm":
+        assert isinstance(module, nn.GroupNorm)
+        module.num_groups, module.num_channels = spec["num_groups"], spec["num_channels"]
+        if module.affine:
+            module.weight, module.bias = fresh(module.num_channels), fresh(module.num_channels)
+    elif kind == "LayerNorm":
+        assert isinstance(module, nn.LayerNorm)
+        module.normalized_shape = tuple(spec["normalized_shape"])
+        if module.elementwise_affine:
+            module.weight = fresh(*module.normalized_shape)
+            if module.bias is not None:
+                module.bias = fresh(*module.normalized_shape)
+
+
+def build(arch: dict) -> nn.Module:
+    """Construct the model an architecture description names, with its recorded layer shapes."""
+    if arch.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"architecture format {arch.get('format_version')!r} is not {FORMAT_VERSION}")
+    model = _model_class(arch["class"]).from_config(arch["config"])
+    modules = dict(model.named_modules())
+    for name, spec in arch["layers"].items():
+        if name not in modules:
+            raise InputError(f"architecture names a layer the model does not have: {name}")
+        if _layer_spec(modules[name]) != spec:
+            _resize(modules[name], spec)
+    sync_diffusers_attributes(model)
+    return model
+
+
+def save_model(model: nn.Module, folder: str | Path) -> None:
+    folder = Path(folder)
+    save_tensors(folder / WEIGHTS_NAME, model.state_dict(), metadata={"format": "pt"})
+    atomic_write_json(folder / ARCH_NAME, describe(model))
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    folder = Path(folder)
+    arch_path, weights_path = folder / ARCH_NAME, folder / WEIGHTS_NAME
+    for p in (arch_path, weights_path):
+        if not p.is_file():
+            raise InputError(f"not a deploykit model folder: {p} is missing")
+    try:
+        arch = json.loads(arch_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{arch_path}: not valid JSON ({e})") from None
+    model = build(arch)
+    state = {k: v.float() for k, v in load_tensors(weights_path).items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise InputError(f"{weights_path}: weights do not fit {arch_path}: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise InputError(f"{weights_path}: weights do not match {arch_path} "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model.eval()

@@ -1,0 +1,169 @@
+"""Recipes: what to build, validated on load.
+
+A recipe names a teacher, a target and an ordered list of stages. Every stage's settings are typed
+and bounded here; an unknown key, a wrong type or a value out of range is reported with the key's
+path and the file, before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deploykit.errors import InputError
+
+Backend = Literal["torch-cpu", "onnxruntime-cpu"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PruneStage(_Strict):
+    """Structured channel pruning with torch-pruning's DepGraph, to a MACs target found by search."""
+
+    stage: Literal["prune"] = "prune"
+    criterion: Literal["magnitude", "random", "taylor"] = Field("magnitude", description="importance criterion")
+    macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
+    round_to: int | None = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
+    ignored: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding.*", "class_embedding.*"],
+                               description="fnmatch patterns of layers whose output channels stay dense")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1)
+    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for gradient criteria (taylor)")
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+class DistillStage(_Strict):
+    """Recovery fine-tuning: denoising loss plus output KD against the dense teacher."""
+
+    stage: Literal["distill"] = "distill"
+    steps: int = Field(300, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(5e-4, gt=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    denoise_weight: float = Field(1.0, ge=0)
+    output_kd_weight: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _some_loss(self):
+        if self.denoise_weight == 0 and self.output_kd_weight == 0:
+            raise ValueError("denoise_weight and output_kd_weight are both 0: nothing to train on")
+        return self
+
+
+class ExportStage(_Strict):
+    """ONNX export of teacher and student, checked against torch with polygraphy."""
+
+    stage: Literal["export"] = "export"
+    opset: int = Field(17, ge=13, le=23)
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-3, gt=0)
+    check_batch: int = Field(4, ge=1, le=256)
+
+
+class BenchStage(_Strict):
+    """Latency of teacher and student per backend, interleaved in one run."""
+
+    stage: Literal["bench"] = "bench"
+    backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
+    batch_size: int = Field(32, ge=1, le=4096, description="samples per UNet call")
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=3, le=100_000)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a backend is listed twice")
+        return v
+
+
+class EvalStage(_Strict):
+    """Quality: FID on the zoo's features, PSNR / SSIM against the teacher, a sample grid."""
+
+    stage: Literal["eval"] = "eval"
+    num_samples: int = Field(512, ge=8, le=1_000_000)
+    steps: int = Field(25, ge=1, le=1000, description="sampling steps per image")
+    scheduler: Literal["ddim"] = "ddim"
+    batch_size: int = Field(128, ge=1, le=4096)
+    grid_samples: int = Field(32, ge=1, le=256)
+
+
+Stage = Annotated[Union[PruneStage, DistillStage, ExportStage, BenchStage, EvalStage], Field(discriminator="stage")]
+
+# A stage may only come after the stages it reads from.
+_ORDER = ["prune", "distill", "export", "bench", "eval"]
+
+
+class Recipe(_Strict):
+    """A deploykit build: ``deploykit build RECIPE``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    teacher: str = Field(description="zoo:NAME, or a local diffusers folder (relative to the recipe file)")
+    target: Literal["cpu"] = "cpu"
+    seed: int = Field(0, ge=0)
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, stages: list) -> list:
+        names = [s.stage for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a stage appears twice: {names}")
+        if names != sorted(names, key=_ORDER.index):
+            raise ValueError(f"stages must run in the order {' -> '.join(n for n in _ORDER if n in names)}")
+        needs_student = [n for n in names if n in ("distill", "export", "bench", "eval")]
+        if needs_student and "prune" not in names:
+            raise ValueError(f"{needs_student[0]} works on a student: add a prune stage before it")
+        return stages
+
+    def stage(self, name: str):
+        return next((s for s in self.stages if s.stage == name), None)
+
+
+def _format_errors(err: ValidationError, path: Path, data: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        # "stages.0.prune.criterion" reads better as "stages[0] (prune).criterion"
+        parts: list[str] = []
+        i = 0
+        while i < len(loc):
+            item = loc[i]
+            if isinstance(item, int):
+                parts[-1] = f"{parts[-1]}[{item}]"
+                if i + 1 < len(loc) and loc[i + 1] in _ORDER:
+                    i += 1
+            else:
+                parts.append(str(item))
+            i += 1
+        key = ".".join(parts) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a mapping of keys (name, teacher, stages, ...)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise InputError(_format_errors(e, path, data)) from None
+
+
+def json_schema() -> dict:
+    return Recipe.model_json_schema()

@@ -1,0 +1,71 @@
+"""report.md: the figures of report.json as a page people read."""
+
+from __future__ import annotations
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _si(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def render(report: dict) -> str:
+    roles = [r for r in ("teacher", "pruned", "student") if r in report]
+    backends = list(report.get("speedup", {}))
+    metrics = sorted({m for r in roles for m in report[r].get("quality", {})})
+    lines = [f"# deploykit report: {report['recipe']}", ""]
+    lines.append(f"Teacher `{report.get('teacher_source')}`, target `{report['target']}`.")
+    if report.get("random_weights"):
+        lines.append("**Random weights: these figures measure speed, never quality.**")
+    if "bench" in report:
+        b = report["bench"]
+        lines.append(f"Latency: {b['precision']}, input {'x'.join(map(str, b['shape']))}, {b['device']['cpu']}, "
+                     f"{b['device']['threads']} threads; teacher and student interleaved in one run. "
+                     f"MACs {report.get('macs_note', '')}.")
+    lines.append("")
+    header = ["model", "params", "MACs"] + [f"{b} p50 ms" for b in backends] + metrics
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for role in roles:
+        e = report[role]
+        row = [role, _si(e.get("params")), _si(e.get("macs"))]
+        row += [_fmt(e.get("latency", {}).get(b, {}).get("p50_ms"), 1) for b in backends]
+        row += [_fmt(e.get("quality", {}).get(m)) for m in metrics]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if "pruned" in roles:
+        lines.append("`pruned` is the student before recovery; it has the student's graph, so it is timed once, as the student.")
+        lines.append("")
+    if backends:
+        lines.append("| backend | speedup (teacher p50 / student p50) | median of per-pair ratios |")
+        lines.append("|---|---|---|")
+        for b in backends:
+            lines.append(f"| {b} | **{report['speedup'][b]:.2f}x** | {report['speedup_pair_median'][b]:.2f}x |")
+        lines.append("")
+    if "macs_ratio" in report:
+        lines.append(f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
+                     f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}.")
+    if "distill" in report:
+        lines.append(f"Recovery: {report['distill']['steps']} steps, final loss {report['distill']['final_loss']:.4f}.")
+    if "eval" in report:
+        ev = report["eval"]
+        ref = ev.get("reference", {})
+        lines.append(f"Quality: {ev['num_samples']} samples, {ev['steps']} {ev['scheduler'].upper()} steps, the same noise "
+                     "for every model. FID on the zoo classifier's features against the real data"
+                     + (f" (real images scored the same way: {ref['fid_real_subset']:.3f})" if "fid_real_subset" in ref else "")
+                     + "; PSNR / SSIM of each model's samples against the teacher's.")
+    if "export" in report:
+        checks = ", ".join(f"{r} max |diff| {c['max_abs_error']:.1e}" for r, c in report["export"].items())
+        lines.append(f"ONNX vs torch (polygraphy, ONNX Runtime CPU): {checks}.")
+    lines += ["", "![latency](plots/latency.png)", "", "![samples](samples/teacher_vs_student.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Runs a recipe's stages in order, each cached under a key of its inputs' content and its config.
+
+A stage is skipped when a folder with its key exists and its files still match their recorded
+hashes; an interrupted stage left only a ``.tmp-*`` folder (removed on the next run) and, for long
+stages, checkpoints in its work folder, from which it resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from deploykit.artifact import Artifact, verify_stage
+from deploykit.errors import InputError
+from deploykit.models.teacher import check_teacher_spec
+from deploykit.recipe import Recipe
+from deploykit.stages import STAGES, StageContext
+from deploykit.stages.teacher import source_digest
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    dir: str
+    digest: str
+    reused: bool
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+
+def stage_key(name: str, version: str, config: dict, seed: int, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"stage": name, "version": version, "config": config, "seed": seed, "inputs": inputs},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None):
+        self.recipe = recipe
+        self.recipe_path = Path(recipe_path)
+        self.artifact = Artifact(out)
+        self.console = console or Console(stderr=True)
+
+    def _stage_list(self) -> list[tuple[str, object]]:
+        teacher_cfg = {"teacher": self.recipe.teacher}
+        return [("teacher", teacher_cfg)] + [(s.stage, s) for s in self.recipe.stages]
+
+    def build(self) -> dict:
+        # Everything that can be checked before writing is checked before writing.
+        check_teacher_spec(self.recipe.teacher, self.recipe_path.parent)
+        teacher_source = source_digest(self.recipe.teacher, self.recipe_path.parent)
+        with self.artifact.lock():
+            removed = self.artifact.clean_partial()
+            if removed:
+                self.console.print(f"[yellow]removed {len(removed)} half-written stage folder(s) of an interrupted build[/]")
+            roles: dict[str, tuple[Path, str]] = {}  # role -> (folder, digest of its producing stage)
+            records: list[StageRecord] = []
+            for index, (name, config) in enumerate(self._stage_list()):
+                records.append(self._run_stage(index, name, config, roles, teacher_source))
+            return self._finalize(records, roles)
+
+    def _run_stage(self, index: int, name: str, config, roles: dict, teacher_source: str) -> StageRecord:
+        spec = STAGES[name]
+        missing = [r for r in spec.reads if r not in roles]
+        if missing:
+            raise InputError(f"stage {name} needs {', '.join(missing)} from an earlier stage")
+        inputs = {r: roles[r] for r in spec.reads + spec.optional_reads if r in roles}
+        config_dict = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+        input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()}
+        if name == "teacher":
+            input_digests["source"] = teacher_source
+        key = stage_key(name, spec.version, config_dict, self.recipe.seed, input_digests)
+        final = self.artifact.stage_dir(index, name, key)
+        started = time.perf_counter()
+        digest = None
+        if final.is_dir():
+            digest, problems = verify_stage(final)
+            if problems:
+                self.console.print(f"[yellow]{name}: cached output was modified ({problems[0]}); running it again[/]")
+                shutil.rmtree(final)
+                digest = None
+        reused = digest is not None
+        summary: dict = {}
+        if reused:
+            self.console.print(f"[dim]{name}: up to date ({final.name})[/]")
+        else:
+            self.console.print(f"[bold]{name}[/]")
+            summary, digest = self._execute(spec, index, name, key, config, {r: p for r, (p, _) in inputs.items()}, final)
+        for role, sub in spec.writes.items():
+            roles[role] = ((final / sub).resolve() if sub != "." else final, digest)
+        return StageRecord(name, key, final.name, digest, reused, round(time.perf_counter() - started, 2), summary)
+
+    def _execute(self, spec, index, name, key, config, inputs, final: Path) -> tuple[dict, str]:
+        from deploykit.artifact import seal_stage
+
+        self.artifact.stages.mkdir(parents=True, exist_ok=True)
+        tmp = self.artifact.stages / f".tmp-{index:02d}-{name}-{key[:16]}-{os.getpid()}"
+        tmp.mkdir()
+        work = self.artifact.work_dir(name, key)
+        work.mkdir(exist_ok=True)
+        ctx = StageContext(config=config, inputs=inputs, out=tmp, work=work, seed=self.recipe.seed,
+                           console=self.console, recipe_dir=self.recipe_path.parent)
+        try:
+            summary = spec.run(ctx) or {}
+            digest = seal_stage(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            # keep `work` (checkpoints) so that the next run resumes; drop the partial output
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        return summary, digest
+
+    def _finalize(self, records: list[StageRecord], roles: dict) -> dict:
+        from deploykit.report import write_outputs
+
+        stages = [{"name": r.name, "key": r.key, "dir": r.dir, "digest": r.digest} for r in records]
+        if self.artifact.manifest_path.is_file() and all(r.reused for r in records):
+            try:
+                previous = self.artifact.read_manifest()
+                if previous.get("stages") == stages and not self.artifact.verify():
+                    self.console.print(f"[green]{self.artifact.root}: up to date, nothing to do[/]")
+                    return json.loads((self.artifact.root / "report.json").read_text())
+            except (InputError, OSError, json.JSONDecodeError):
+                pass
+        report = write_outputs(self.artifact.root, self.recipe, {r: p for r, (p, _) in roles.items()})
+        self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages)
+        return report
+
+
+def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None) -> dict:
+    return Runner(recipe, recipe_path, out, console).build()

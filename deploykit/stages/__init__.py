@@ -1,0 +1,13 @@
+"""One thin module per stage: read inputs from the artifact, call the algorithm, write outputs."""
+
+from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.bench import BENCH
+from deploykit.stages.distill import DISTILL
+from deploykit.stages.eval import EVAL
+from deploykit.stages.export import EXPORT
+from deploykit.stages.prune import PRUNE
+from deploykit.stages.teacher import TEACHER
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, DISTILL, EXPORT, BENCH, EVAL)}
+
+__all__ = ["STAGES", "StageContext", "StageSpec"]

@@ -1,0 +1,51 @@
+"""Shared by the stages: the teacher's metadata, its data set and its FID features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from deploykit.eval.features import DigitsClassifier
+from deploykit.io import load_tensors
+
+TEACHER_JSON = "teacher.json"
+FEATURES = "features.safetensors"
+
+
+def teacher_meta(teacher_dir: Path) -> dict:
+    return json.loads((teacher_dir / TEACHER_JSON).read_text())
+
+
+def training_images(meta: dict) -> torch.Tensor | None:
+    """The clean images the teacher was trained on, where the teacher says which (zoo teachers)."""
+    if meta.get("dataset") == "sklearn-digits":
+        from deploykit.zoo.data import load_digits_images
+
+        return load_digits_images(meta["sample_shape"][-1])[0]
+    return None
+
+
+def feature_extractor(teacher_dir: Path) -> DigitsClassifier | None:
+    path = teacher_dir / FEATURES
+    if not path.is_file():
+        return None
+    model = DigitsClassifier()
+    model.load_state_dict(load_tensors(path))
+    return model.eval()
+
+
+def example_inputs(meta: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *meta["sample_shape"], generator=gen)
+    t = torch.randint(0, meta["scheduler_config"]["num_train_timesteps"], (batch,), generator=gen)
+    return x, t
+
+
+def noise_scheduler(meta: dict):
+    from diffusers import DDPMScheduler
+
+    cfg = meta["scheduler_config"]
+    return DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                                   "beta_end", "prediction_type")})

@@ -1,0 +1,41 @@
+"""teacher: load the dense model and fix it into the artifact (weights, metadata, FID features)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from deploykit.artifact import digest, hash_folder
+from deploykit.errors import InputError
+from deploykit.io import atomic_write_json, sha256_file
+from deploykit.models import count_params, load_teacher, save_model
+from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.data import FEATURES, TEACHER_JSON
+
+
+def source_digest(spec: str, base_dir: Path | None) -> str:
+    """Content hash of the teacher's source files, so a retrained teacher invalidates the cache."""
+    if spec.startswith("zoo:"):
+        from deploykit.zoo import get_entry
+
+        return digest(hash_folder(get_entry(spec.removeprefix("zoo:")).folder))
+    path = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
+    if not path.exists():
+        raise InputError(f"teacher path does not exist: {spec}")
+    return digest(hash_folder(path)) if path.is_dir() else sha256_file(path)
+
+
+def run(ctx: StageContext) -> dict:
+    teacher = load_teacher(ctx.config["teacher"], ctx.recipe_dir)
+    save_model(teacher.model, ctx.out / "model")
+    meta = {"source": teacher.source, "dataset": teacher.dataset, "sample_shape": list(teacher.sample_shape),
+            "scheduler_config": teacher.scheduler_config, "params": count_params(teacher.model), **teacher.info}
+    atomic_write_json(ctx.out / TEACHER_JSON, meta)
+    if teacher.source.startswith("zoo:"):
+        from deploykit.zoo import get_entry
+
+        shutil.copyfile(get_entry(teacher.source.removeprefix("zoo:")).folder / FEATURES, ctx.out / FEATURES)
+    return {"params": meta["params"]}
+
+
+TEACHER = StageSpec(name="teacher", version="1", reads=(), writes={"teacher": "."}, run=run)

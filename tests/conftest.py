@@ -1,0 +1,96 @@
+"""Shared fixtures. Nothing here reaches the network: tiny models come from configs, and the tiny
+zoo teacher is trained by the project's own `zoo train` code into a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_UNET = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 1,
+    "block_out_channels": [16, 32, 32],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+    "attention_head_dim": None,
+}
+
+TINY_RECIPE = """\
+name: tiny
+teacher: zoo:digits-tiny
+seed: 0
+stages:
+  - stage: prune
+    criterion: magnitude
+    macs_target: 0.5
+    round_to: 4
+  - stage: distill
+    steps: {distill_steps}
+    batch_size: 16
+    checkpoint_every: 5
+  - stage: export
+  - stage: bench
+    batch_size: 8
+    warmup: 1
+    runs: 5
+  - stage: eval
+    num_samples: 32
+    steps: 4
+    grid_samples: 8
+"""
+
+
+@pytest.fixture
+def tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(**TINY_UNET).eval()
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory) -> Path:
+    """The test-size zoo teacher, trained by `deploykit zoo train` (a few seconds)."""
+    folder = tmp_path_factory.mktemp("zoo")
+    env = {**os.environ, "DEPLOYKIT_ZOO_DIR": str(folder)}
+    subprocess.run([sys.executable, "-m", "deploykit.cli", "zoo", "train", "digits-tiny"], env=env, check=True,
+                   capture_output=True)
+    return folder
+
+
+@pytest.fixture
+def zoo_env(zoo_dir, monkeypatch) -> dict:
+    monkeypatch.setenv("DEPLOYKIT_ZOO_DIR", str(zoo_dir))
+    return {**os.environ, "DEPLOYKIT_ZOO_DIR": str(zoo_dir)}
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploykit.cli", *args], env=env or os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def write_tiny_recipe(folder: Path, distill_steps: int = 20) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(distill_steps=distill_steps))
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_artifact(tmp_path_factory, zoo_dir) -> tuple[Path, Path, dict]:
+    """One end-to-end build of the tiny recipe, shared by the tests that read its outputs."""
+    folder = tmp_path_factory.mktemp("build")
+    recipe = write_tiny_recipe(folder)
+    env = {**os.environ, "DEPLOYKIT_ZOO_DIR": str(zoo_dir)}
+    result = run_cli("build", str(recipe), "--out", str(folder / "out"), env=env)
+    assert result.returncode == 0, result.stderr
+    return folder / "out", recipe, env
