@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deploykit.errors import InputError
+from deploykit.prune.core import DEFAULT_IGNORED
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu"]
 
@@ -29,7 +30,7 @@ class PruneStage(_Strict):
     criterion: Literal["magnitude", "random", "taylor"] = Field("magnitude", description="importance criterion")
     macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
     round_to: int | None = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
-    ignored: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding.*", "class_embedding.*"],
+    ignored: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED),
                                description="fnmatch patterns of layers whose output channels stay dense")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     gradient_batches: int = Field(4, ge=1, le=1000, description="batches for gradient criteria (taylor)")
@@ -71,8 +72,8 @@ class BenchStage(_Strict):
     stage: Literal["bench"] = "bench"
     backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
     batch_size: int = Field(32, ge=1, le=4096, description="samples per UNet call")
-    warmup: int = Field(5, ge=0)
-    runs: int = Field(30, ge=3, le=100_000)
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, ge=3, le=100_000)
 
     @field_validator("backends")
     @classmethod

@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from deploykit.zoo import get_entry
+
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_UNET = {
-    "sample_size": 16,
-    "in_channels": 1,
-    "out_channels": 1,
-    "layers_per_block": 1,
-    "block_out_channels": [16, 32, 32],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "attention_head_dim": None,
-}
+# the test-size zoo teacher's architecture, with random weights
+TINY_UNET = get_entry("digits-tiny").unet_config
 
 TINY_RECIPE = """\
 name: tiny

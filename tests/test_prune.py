@@ -44,7 +44,8 @@ def test_widths_stay_multiples_of_round_to_and_groupnorm_groups(tiny_unet):
 
 def test_ignored_layers_keep_their_output_channels(tiny_unet):
     pruned, _ = prune_to_macs(tiny_unet, _example(), PruneConfig(macs_target=0.5, round_to=4))
-    assert pruned.conv_in.out_channels == tiny_unet.conv_in.out_channels
+    kept, _ = prune_to_macs(tiny_unet, _example(), PruneConfig(macs_target=0.5, round_to=4, ignored=("conv_in",)))
+    assert kept.conv_in.out_channels == tiny_unet.conv_in.out_channels
     assert pruned.time_embedding.linear_2.out_features == tiny_unet.time_embedding.linear_2.out_features
     assert pruned.conv_out.out_channels == 1
     # and something else did shrink

@@ -21,9 +21,10 @@ from deploykit.models.ops import count_macs, count_params
 from deploykit.models.sync import sync_diffusers_attributes
 from deploykit.prune.importance import get_criterion
 
-# Layers whose output channels stay dense unless told otherwise: the data's own channels in and
-# out, and the time embedding every block reads.
-DEFAULT_IGNORED = ("conv_in", "conv_out", "time_embedding.*", "class_embedding.*")
+# Layers whose output channels stay dense unless told otherwise: conv_out (its outputs are the
+# model's output) and the embeddings every block reads. conv_in is not here: its input is the data
+# and is never pruned, and its outputs are the first level's width, where most of the MACs are.
+DEFAULT_IGNORED = ("conv_out", "time_embedding.*", "class_embedding.*")
 
 
 @dataclass

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from deploykit.artifact import OUTPUT_DIRS
-from deploykit.io import atomic_write_json, atomic_write_text, replace_dir
+from deploykit.io import atomic_write_json, atomic_write_text, make_temp_dir, replace_dir
 from deploykit.recipe import Recipe
 from deploykit.report.markdown import render
 from deploykit.report.plots import latency_bars, loss_curve
@@ -74,7 +73,7 @@ def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path]) -> dict:
     staged: dict[str, Path] = {}
     try:
         for name in OUTPUT_DIRS:
-            staged[name] = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            staged[name] = make_temp_dir(root, f".{name}.")
         final_model = roles.get("student", roles["teacher"]) / "model"
         shutil.copytree(final_model, staged["model"], dirs_exist_ok=True)
         atomic_write_json(staged["model"] / "scheduler_config.json",

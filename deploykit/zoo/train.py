@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from deploykit.eval.features import DigitsClassifier
-from deploykit.io import atomic_write_json, replace_dir, save_tensors
+from deploykit.io import atomic_write_json, make_temp_dir, replace_dir, save_tensors
 from deploykit.zoo.data import load_digits_images, split_indices
 from deploykit.zoo.registry import ClassifierTraining, TeacherTraining, ZooEntry
 
@@ -118,7 +117,7 @@ def train_zoo_entry(entry: ZooEntry, out_dir: Path, steps: int | None = None) ->
         teacher, losses = train_teacher(entry, images, teacher_cfg, progress)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         # fp16 halves the shipped size; the loader casts back to fp32.
         save_tensors(tmp / "unet.safetensors", {k: v.half() for k, v in teacher.state_dict().items()})
