@@ -23,11 +23,12 @@ def pair(tiny_unet):
 
 def test_recovery_reduces_the_kd_loss(pair):
     teacher, student = pair
-    _, losses = recover(student, teacher, DDPMScheduler(), _batches, RecoveryConfig(steps=40, lr=2e-3, warmup_steps=2))
+    _, losses = recover(student, teacher, DDPMScheduler(), _batches, RecoveryConfig(steps=40, lr=2e-3, warmup_steps=2, denoise_weight=0.0))
     first = sum(r["output_kd"] for r in losses[:8]) / 8
     last = sum(r["output_kd"] for r in losses[-8:]) / 8
     assert last < 0.7 * first
     assert all(set(r) == {"step", "loss", "denoise", "output_kd"} for r in losses)
+    assert losses[-1]["loss"] == pytest.approx(losses[-1]["output_kd"]), "denoise_weight 0: only KD trains"
 
 
 def test_a_killed_run_resumes_to_the_same_weights(pair, tmp_path):

@@ -55,7 +55,7 @@ def compare_with_torch(model: nn.Module, onnx_path: str | Path, inputs: list[dic
     """
     import numpy as np
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import CompareFunc, Comparator
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     from deploykit.export.torch_runner import TorchRunner
@@ -66,7 +66,7 @@ def compare_with_torch(model: nn.Module, onnx_path: str | Path, inputs: list[dic
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run(runners, data_loader=inputs)
-        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
     max_abs = max_rel = 0.0
     (_, torch_iters), (_, ort_iters) = results[0], results[1]
     for a, b in zip(torch_iters, ort_iters):
