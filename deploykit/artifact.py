@@ -99,6 +99,13 @@ class Artifact:
         """A scratch folder that survives a kill (checkpoints); removed when the stage completes."""
         return self.stages / f".work-{name}-{key[:16]}"
 
+    def check_writable(self) -> None:
+        """Refuse a folder that holds something else: a build replaces its output folders whole."""
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"--out {self.root} is a file, not a folder")
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.manifest_path.is_file() or self.stages.is_dir()):
+            raise InputError(f"--out {self.root} is not empty and is not a deploykit artifact; choose a new folder")
+
     def clean_partial(self) -> list[str]:
         """Remove what an interrupted build left half-written (never a finished stage)."""
         removed = []

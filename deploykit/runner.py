@@ -57,6 +57,7 @@ class Runner:
         # Everything that can be checked before writing is checked before writing.
         check_teacher_spec(self.recipe.teacher, self.recipe_path.parent)
         teacher_source = source_digest(self.recipe.teacher, self.recipe_path.parent)
+        self.artifact.check_writable()
         with self.artifact.lock():
             removed = self.artifact.clean_partial()
             if removed:

@@ -113,6 +113,16 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo_env):
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not out.exists()
 
+    # a folder that holds something else is never overwritten
+    occupied = tmp_path / "occupied"
+    (occupied / "plots").mkdir(parents=True)
+    (occupied / "plots" / "mine.png").write_bytes(b"not deploykit's")
+    good = tmp_path / "good.yaml"
+    good.write_text("name: x\nteacher: zoo:digits-tiny\nstages:\n  - stage: prune\n")
+    result = run_cli("build", str(good), "--out", str(occupied), env=zoo_env)
+    assert result.returncode == 2 and "not a deploykit artifact" in result.stderr
+    assert sorted(p.name for p in occupied.rglob("*")) == ["mine.png", "plots"]
+
 
 def test_a_build_killed_mid_stage_resumes_and_leaves_no_corrupt_file(tmp_path, zoo_env):
     recipe = write_tiny_recipe(tmp_path, distill_steps=80)
@@ -146,3 +156,21 @@ def test_a_build_killed_mid_stage_resumes_and_leaves_no_corrupt_file(tmp_path, z
     assert "prune: up to date" in result.stderr
     assert not list((out / "stages").glob(".*-distill-*"))
     assert Artifact(out).verify() == []
+
+
+def test_a_local_diffusers_folder_teacher_without_data(tmp_path, tiny_unet, zoo_env):
+    """A teacher from a diffusers folder: no data set is known, so recovery runs on the teacher's
+    own samples and quality is fidelity to the teacher (no FID)."""
+    tiny_unet.save_pretrained(tmp_path / "my-ddpm" / "unet", safe_serialization=True)
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text("name: local\nteacher: my-ddpm\nstages:\n  - stage: prune\n    round_to: 4\n"
+                      "  - stage: distill\n    steps: 3\n    batch_size: 4\n"
+                      "  - stage: eval\n    num_samples: 8\n    steps: 2\n    grid_samples: 4\n")
+    out = tmp_path / "out"
+    result = run_cli("build", str(recipe), "--out", str(out), env=zoo_env)
+    assert result.returncode == 0, result.stderr
+    assert "recovering on 512 of its own samples" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher_source"] == "my-ddpm"
+    assert "fid" not in report["student"]["quality"] and "psnr_vs_teacher" in report["student"]["quality"]
+    assert report["macs_ratio"] <= 0.5
