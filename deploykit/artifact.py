@@ -36,8 +36,8 @@ def list_files(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_file() and not any(rel.parts[0] == e for e in exclude) and not rel.name.startswith(".") \
-                and not any(part.startswith(".") for part in rel.parts):
+        # dot-names are scratch (temporary files, the lock, checkpoints): never part of the content
+        if p.is_file() and rel.parts[0] not in exclude and not any(part.startswith(".") for part in rel.parts):
             out.append(p)
     return out
 

@@ -126,7 +126,7 @@ class Recipe(_Strict):
         return next((s for s in self.stages if s.stage == name), None)
 
 
-def _format_errors(err: ValidationError, path: Path, data: dict) -> str:
+def _format_errors(err: ValidationError, path: Path) -> str:
     lines = []
     for e in err.errors():
         loc = list(e["loc"])
@@ -163,7 +163,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise InputError(_format_errors(e, path, data)) from None
+        raise InputError(_format_errors(e, path)) from None
 
 
 def json_schema() -> dict:

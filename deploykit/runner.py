@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from deploykit.artifact import Artifact, verify_stage
+from deploykit.artifact import Artifact, seal_stage, verify_stage
 from deploykit.errors import InputError
 from deploykit.models.teacher import check_teacher_spec
 from deploykit.recipe import Recipe
@@ -100,8 +100,6 @@ class Runner:
         return StageRecord(name, key, final.name, digest, reused, round(time.perf_counter() - started, 2), summary)
 
     def _execute(self, spec, index, name, key, config, inputs, final: Path) -> tuple[dict, str]:
-        from deploykit.artifact import seal_stage
-
         self.artifact.stages.mkdir(parents=True, exist_ok=True)
         tmp = self.artifact.stages / f".tmp-{index:02d}-{name}-{key[:16]}-{os.getpid()}"
         tmp.mkdir()

@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,13 +48,12 @@ def export_unet(model: nn.Module, path: str | Path, example_inputs: Sequence[tor
     return path
 
 
-def compare_with_torch(model: nn.Module, onnx_path: str | Path, inputs: list[dict[str, "object"]],
+def compare_with_torch(model: nn.Module, onnx_path: str | Path, inputs: list[dict[str, np.ndarray]],
                        atol: float, rtol: float) -> dict:
     """Run torch and ONNX Runtime on the same inputs through polygraphy's Comparator.
 
     Returns ``{"passed", "max_abs_error", "max_rel_error", "atol", "rtol", "iterations"}``.
     """
-    import numpy as np
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER

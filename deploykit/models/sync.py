@@ -18,13 +18,11 @@ def sync_diffusers_attributes(model: nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, (Upsample2D, Downsample2D)):
+            # (avg-pool downsampling has no conv, and no channel count of its own to sync)
             conv = getattr(module, "conv", None)
             if isinstance(conv, nn.Conv2d):
                 module.channels = conv.in_channels
                 module.out_channels = conv.out_channels
-            elif isinstance(module, Downsample2D) and getattr(module, "norm", None) is None:
-                # avg-pool downsampling has no weights: channels follow the block's input
-                pass
         elif isinstance(module, ResnetBlock2D):
             module.in_channels = module.conv1.in_channels
             module.out_channels = module.conv2.out_channels

@@ -23,22 +23,31 @@ class Teacher:
     info: dict = field(default_factory=dict)
 
 
+def teacher_path(spec: str, base_dir: Path | None = None) -> Path:
+    """Where a teacher's files are: the zoo folder, or a local path (relative to ``base_dir``)."""
+    if spec.startswith("zoo:"):
+        from deploykit.zoo import get_entry
+
+        try:
+            return get_entry(spec.removeprefix("zoo:")).folder
+        except KeyError as e:
+            raise InputError(str(e.args[0])) from None
+    path = Path(spec)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
 def load_teacher(spec: str, base_dir: Path | None = None) -> Teacher:
     if spec.startswith("zoo:"):
         return _load_zoo(spec.removeprefix("zoo:"))
-    path = Path(spec)
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    return _load_diffusers_folder(path, spec)
+    return _load_diffusers_folder(teacher_path(spec, base_dir), spec)
 
 
 def check_teacher_spec(spec: str, base_dir: Path | None = None) -> None:
     """Fail fast on a teacher that cannot load, before anything is written."""
     if spec.startswith("zoo:"):
         _zoo_files(spec.removeprefix("zoo:"))
-        return
-    path = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
-    _unet_folder(path, spec)
+    else:
+        _unet_folder(teacher_path(spec, base_dir), spec)
 
 
 def _zoo_files(name: str) -> tuple[Path, Path, dict]:

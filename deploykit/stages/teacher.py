@@ -9,17 +9,14 @@ from deploykit.artifact import digest, hash_folder
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, sha256_file
 from deploykit.models import count_params, load_teacher, save_model
+from deploykit.models.teacher import teacher_path
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import FEATURES, TEACHER_JSON
 
 
 def source_digest(spec: str, base_dir: Path | None) -> str:
     """Content hash of the teacher's source files, so a retrained teacher invalidates the cache."""
-    if spec.startswith("zoo:"):
-        from deploykit.zoo import get_entry
-
-        return digest(hash_folder(get_entry(spec.removeprefix("zoo:")).folder))
-    path = Path(spec) if Path(spec).is_absolute() or base_dir is None else base_dir / spec
+    path = teacher_path(spec, base_dir)
     if not path.exists():
         raise InputError(f"teacher path does not exist: {spec}")
     return digest(hash_folder(path)) if path.is_dir() else sha256_file(path)
