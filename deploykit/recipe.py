@@ -27,13 +27,14 @@ class PruneStage(_Strict):
     """Structured channel pruning with torch-pruning's DepGraph, to a MACs target found by search."""
 
     stage: Literal["prune"] = "prune"
-    criterion: Literal["magnitude", "random", "taylor"] = Field("magnitude", description="importance criterion")
+    criterion: Literal["magnitude", "random", "taylor", "diff-pruning", "nici", "cap"] = Field(
+        "magnitude", description="importance criterion (deploykit.prune.importance)")
     macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
     round_to: int | None = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
     ignored: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED),
                                description="fnmatch patterns of layers whose output channels stay dense")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
-    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for gradient criteria (taylor)")
+    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the taylor and cap criteria")
     batch_size: int = Field(64, ge=1, le=4096)
 
 

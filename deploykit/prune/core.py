@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class PruneResult:
     params_after: int
     pruning_ratio: float
     trials: list[dict] = field(default_factory=list)
+    gradient_seconds: float = 0.0  # time the criterion's gradient loop took
 
     @property
     def macs_ratio(self) -> float:
@@ -139,8 +141,12 @@ def prune_to_macs(
         if forward_loop is None:
             raise ValueError(f"criterion {criterion.name!r} needs gradients: pass a forward_loop")
         model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
         with torch.enable_grad():
             forward_loop(model)
+        gradient_seconds = time.perf_counter() - started
+    else:
+        gradient_seconds = 0.0
     macs_before = count_macs(model, example_inputs)
     params_before = count_params(model)
 
@@ -169,4 +175,5 @@ def prune_to_macs(
                          "or ignore fewer layers")
     ratio, pruned, macs_after = best
     pruned.zero_grad(set_to_none=True)
-    return pruned.eval(), PruneResult(macs_before, macs_after, params_before, count_params(pruned), ratio, trials)
+    return pruned.eval(), PruneResult(macs_before, macs_after, params_before, count_params(pruned), ratio, trials,
+                                      gradient_seconds)

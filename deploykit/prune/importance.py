@@ -1,8 +1,9 @@
 """Importance criteria, selectable by name.
 
 Each is a torch-pruning ``Importance`` (callable on a dependency group, returning one score per
-channel), so any of them plugs into torch-pruning's pruners. Criteria that read gradients say so:
-the caller runs its forward loop (loss + backward) before pruning.
+channel), so any of them plugs into torch-pruning's pruners. Gradient criteria also name the
+gradient loop they are defined by (``deploykit.prune.gradients``): the scores are all
+sum_i |w_i * dL/dw_i| over a channel's weights; the papers differ in the loss L and the timesteps.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ from dataclasses import dataclass
 
 import torch_pruning as tp
 
+from deploykit.prune import gradients
+from deploykit.prune.gradients import ForwardLoop, GradientData
+
 
 @dataclass(frozen=True)
 class Criterion:
     name: str
     factory: Callable[[], tp.importance.Importance]
-    needs_gradients: bool
     summary: str
+    gradient_loop: Callable[[GradientData], ForwardLoop] | None = None
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.gradient_loop is not None
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -40,9 +48,22 @@ def available() -> list[str]:
     return sorted(_CRITERIA)
 
 
-register(Criterion("magnitude", lambda: tp.importance.GroupMagnitudeImportance(p=2), False,
+def _taylor() -> tp.importance.Importance:
+    return tp.importance.GroupTaylorImportance()  # multivariable=False: sum_i |w_i g_i|
+
+
+register(Criterion("magnitude", lambda: tp.importance.GroupMagnitudeImportance(p=2),
                    "L2 norm of each channel's weights, summed over its dependency group"))
-register(Criterion("random", lambda: tp.importance.RandomImportance(), False,
+register(Criterion("random", lambda: tp.importance.RandomImportance(),
                    "uniform random scores: the floor every criterion must beat"))
-register(Criterion("taylor", lambda: tp.importance.GroupTaylorImportance(), True,
-                   "first-order Taylor |w * dL/dw| from the denoising loss on the caller's data"))
+register(Criterion("taylor", _taylor, "first-order Taylor from the denoising loss at random timesteps",
+                   gradients.random_timesteps))
+register(Criterion("diff-pruning", _taylor,
+                   "Diff-Pruning: Taylor over t = 0..T with fixed noise, stopped once L_t < 0.05 L_max",
+                   gradients.diff_pruning))
+register(Criterion("nici", _taylor,
+                   "NiCI: Taylor of the noise predicted on clean images, interval-sampled and damped over t",
+                   gradients.nici))
+register(Criterion("cap", _taylor,
+                   "content-aware: Taylor of the output change an input perturbation induces (our formulation)",
+                   gradients.cap))
