@@ -6,7 +6,7 @@ loop only decides how to use it). Every loop is deterministic for a given seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +34,21 @@ class GradientData:
         return self.noise_scheduler.config.num_train_timesteps
 
 
+def _noised_batches(data: GradientData, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``data.batches`` batches of (x_t, noise, t) at uniformly drawn timesteps."""
+    for _ in range(data.batches):
+        x0 = data.fixed_batch(gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, data.num_timesteps, (len(x0),), generator=gen)
+        yield data.noise_scheduler.add_noise(x0, noise, t), noise, t
+
+
 def random_timesteps(data: GradientData) -> ForwardLoop:
     """Plain Taylor: the training loss (denoising MSE) at uniformly drawn timesteps."""
 
     def loop(model: nn.Module) -> None:
-        gen = torch.Generator().manual_seed(data.seed)
-        for _ in range(data.batches):
-            x0 = data.fixed_batch(gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, data.num_timesteps, (len(x0),), generator=gen)
-            F.mse_loss(model(data.noise_scheduler.add_noise(x0, noise, t), t).sample, noise).backward()
+        for xt, noise, t in _noised_batches(data, torch.Generator().manual_seed(data.seed)):
+            F.mse_loss(model(xt, t).sample, noise).backward()
 
     return loop
 
@@ -130,14 +135,10 @@ def cap(data: GradientData, sigma: float = 0.1) -> ForwardLoop:
 
     def loop(model: nn.Module) -> None:
         gen = torch.Generator().manual_seed(data.seed)
-        for _ in range(data.batches):
-            x0 = data.fixed_batch(gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, data.num_timesteps, (len(x0),), generator=gen)
-            xt = data.noise_scheduler.add_noise(x0, noise, t)
-            delta = sigma * torch.randn(x0.shape, generator=gen)
+        for xt, _, t in _noised_batches(data, gen):
+            delta = sigma * torch.randn(xt.shape, generator=gen)
             with torch.no_grad():
                 reference = model(xt, t).sample
-            F.mse_loss(model(xt + delta, t).sample, reference, reduction="sum").div(len(x0)).backward()
+            F.mse_loss(model(xt + delta, t).sample, reference, reduction="sum").div(len(xt)).backward()
 
     return loop
