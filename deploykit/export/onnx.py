@@ -10,17 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploykit.models.wrappers import TensorOutput
+
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAMES = ("out_sample",)
-
-
-class _UNetForExport(nn.Module):
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, return_dict=False)[0]
 
 
 def export_unet(model: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor], opset: int = 17) -> Path:
@@ -30,7 +23,7 @@ def export_unet(model: nn.Module, path: str | Path, example_inputs: Sequence[tor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    wrapper = _UNetForExport(model.eval())
+    wrapper = TensorOutput(model.eval())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript exporter handles diffusers' data-dependent Python (timestep broadcasting)
@@ -62,7 +55,7 @@ def compare_with_torch(model: nn.Module, onnx_path: str | Path, inputs: list[dic
 
     channels, height, width = inputs[0]["sample"].shape[1:]
     signature = {"sample": (np.float32, ["batch", channels, height, width]), "timestep": (np.int64, ["batch"])}
-    runners = [TorchRunner(_UNetForExport(model.eval()), signature, list(OUTPUT_NAMES)),
+    runners = [TorchRunner(TensorOutput(model.eval()), signature, list(OUTPUT_NAMES)),
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))]
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run(runners, data_loader=inputs)

@@ -20,6 +20,7 @@ from torch import nn
 
 from deploykit.models.ops import count_macs, count_params
 from deploykit.models.sync import sync_diffusers_attributes
+from deploykit.models.wrappers import TensorOutput
 from deploykit.prune.importance import get_criterion
 
 # Layers whose output channels stay dense unless told otherwise: conv_out (its outputs are the
@@ -53,17 +54,6 @@ class PruneResult:
     @property
     def macs_ratio(self) -> float:
         return self.macs_after / self.macs_before
-
-
-class _UNetOutput(nn.Module):
-    """torch-pruning traces tensors; diffusers returns a dataclass."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, *args):
-        return self.unet(*args).sample
 
 
 def _ignored_modules(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module]:
@@ -103,7 +93,7 @@ def _prune_copy(model: nn.Module, example_inputs: Sequence[torch.Tensor], cfg: P
     if ratio <= 0:
         return trial
     torch.manual_seed(cfg.seed)  # the random criterion draws from the global generator
-    wrapped = _UNetOutput(trial)
+    wrapped = TensorOutput(trial)
     pruner = tp.pruner.BasePruner(
         wrapped,
         example_inputs=tuple(example_inputs),
