@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from deploykit.bench.machine import cpu_name
 from deploykit.recipe import load_recipe
 from deploykit.runner import build
-from deploykit.stages.bench import cpu_name
 
 HERE = Path(__file__).resolve().parent
 CRITERIA = ["random", "magnitude", "taylor", "diff-pruning", "nici", "cap"]

@@ -23,7 +23,7 @@ def _cmd_build(args) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("artifacts") / recipe.name
-    report = build(recipe, Path(args.recipe), out, console)
+    report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights)
     speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
     console.print(f"[green]built {out}[/]" + (f": speedup {speedups}" if speedups else ""))
     if "macs_ratio" in report:
@@ -110,6 +110,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="run a recipe into an artifact folder")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/digits_cpu.yaml")
     p.add_argument("--out", help="artifact folder (default: artifacts/<recipe name>)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the teacher's topology with random weights instead of loading it (measures speed, "
+                        "never quality; the report says so)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("inspect", help="show an artifact and verify every hash")
@@ -135,6 +138,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # diffusers logs import-time notices (e.g. optimum and optimum-onnx both providing `optimum`)
+    # that mean nothing to a user; deploykit reports what matters itself. An explicit setting wins.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = make_parser().parse_args(argv)
     debug = os.environ.get("DEPLOYKIT_DEBUG") == "1"
     try:

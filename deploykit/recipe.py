@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deploykit.errors import InputError
 from deploykit.prune.core import DEFAULT_IGNORED
 
-Backend = Literal["torch-cpu", "onnxruntime-cpu"]
+Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
+Target = Literal["cpu", "cuda"]
+Topology = Literal["sd15", "sdxl", "tiny-sd", "tiny-sdxl"]
+# Channel counts the target's kernels like: AVX-512 / oneDNN blocks of 8 floats on CPU; on GPUs, fp16
+# tensor-core tiles want multiples of 64 for the widths to map onto whole tiles.
+ROUND_TO_BY_TARGET = {"cpu": 8, "cuda": 64}
 
 
 class _Strict(BaseModel):
@@ -30,9 +35,11 @@ class PruneStage(_Strict):
     criterion: Literal["magnitude", "random", "taylor", "diff-pruning", "nici", "cap"] = Field(
         "magnitude", description="importance criterion (deploykit.prune.importance)")
     macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
-    round_to: int | None = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
-    ignored: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORED),
-                               description="fnmatch patterns of layers whose output channels stay dense")
+    round_to: int | None = Field(None, ge=1, le=256,
+                                 description="keep channel counts multiples of this (default: by target, cpu 8, cuda 64)")
+    ignored: list[str] | None = Field(
+        None, description="fnmatch patterns of layers whose output channels stay dense (default: "
+                          f"{', '.join(DEFAULT_IGNORED)}; SD UNets also conv_in and add_embedding.*)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
     gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the taylor and cap criteria")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -58,13 +65,24 @@ class DistillStage(_Strict):
 
 
 class ExportStage(_Strict):
-    """ONNX export of teacher and student, checked against torch with polygraphy."""
+    """ONNX export of teacher and student (whole SD pipelines in optimum's layout), checked with polygraphy."""
 
     stage: Literal["export"] = "export"
     opset: int = Field(17, ge=13, le=23)
+    fp16: bool = Field(False, description="fp16 graphs (for GPUs; the fp32 graph is what CPU backends run)")
     atol: float = Field(1e-4, gt=0)
     rtol: float = Field(1e-3, gt=0)
     check_batch: int = Field(4, ge=1, le=256)
+
+
+class EndToEnd(_Strict):
+    """A whole generation: text encoding, ``steps`` UNet steps with classifier-free guidance, VAE decode."""
+
+    steps: int = Field(10, ge=1, le=1000)
+    runs: int = Field(3, ge=1, le=1000)
+    warmup: int = Field(1, ge=0, le=100)
+    prompt: str = Field("a photograph of an astronaut riding a horse", max_length=1000)
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
 
 
 class BenchStage(_Strict):
@@ -72,9 +90,13 @@ class BenchStage(_Strict):
 
     stage: Literal["bench"] = "bench"
     backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
-    batch_size: int = Field(32, ge=1, le=4096, description="samples per UNet call")
+    batch_size: int | None = Field(None, ge=1, le=4096,
+                                   description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="fp16 needs a CUDA backend")
+    compile: bool = Field(False, description="torch backends: time torch.compile'd models (CUDA)")
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=3, le=100_000)
+    end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
 
     @field_validator("backends")
     @classmethod
@@ -85,17 +107,26 @@ class BenchStage(_Strict):
 
 
 class EvalStage(_Strict):
-    """Quality: FID on the zoo's features, PSNR / SSIM against the teacher, a sample grid."""
+    """Quality: FID on the zoo's features, PSNR / SSIM against the teacher, a sample grid.
+
+    SD teachers: PSNR / SSIM of the student's images against the teacher's, from the same prompts and seeds.
+    """
 
     stage: Literal["eval"] = "eval"
-    num_samples: int = Field(512, ge=8, le=1_000_000)
+    num_samples: int = Field(512, ge=1, le=1_000_000)
     steps: int = Field(25, ge=1, le=1000, description="sampling steps per image")
-    scheduler: Literal["ddim"] = "ddim"
+    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+                               description="SD teachers: prompts, cycled over num_samples")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
     batch_size: int = Field(128, ge=1, le=4096)
     grid_samples: int = Field(32, ge=1, le=256)
 
 
 Stage = Annotated[Union[PruneStage, DistillStage, ExportStage, BenchStage, EvalStage], Field(discriminator="stage")]
+
+DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
+                   "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset")
 
 # A stage may only come after the stages it reads from.
 _ORDER = ["prune", "distill", "export", "bench", "eval"]
@@ -105,8 +136,11 @@ class Recipe(_Strict):
     """A deploykit build: ``deploykit build RECIPE``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    teacher: str = Field(description="zoo:NAME, or a local diffusers folder (relative to the recipe file)")
-    target: Literal["cpu"] = "cpu"
+    teacher: str = Field(description="zoo:NAME, hf:ORG/NAME[@REVISION], random:TOPOLOGY, or a local diffusers "
+                                     "folder (relative to the recipe file)")
+    topology: Topology | None = Field(None, description="the teacher's architecture, for --random-weights")
+    resolution: int | None = Field(None, ge=8, le=4096, description="SD: image side in pixels (default: the model's)")
+    target: Target = "cpu"
     seed: int = Field(0, ge=0)
     stages: list[Stage] = Field(min_length=1)
 
@@ -123,8 +157,23 @@ class Recipe(_Strict):
             raise ValueError(f"{needs_student[0]} works on a student: add a prune stage before it")
         return stages
 
+    @model_validator(mode="after")
+    def _target_backends(self):
+        bench = self.stage("bench")
+        if bench is not None:
+            wrong = [b for b in bench.backends if not b.endswith(self.target)]
+            if wrong:
+                raise ValueError(f"stages: bench backend {wrong[0]} does not run on target {self.target}")
+            if bench.precision == "fp16" and self.target == "cpu":
+                raise ValueError("stages: bench precision fp16 needs target cuda")
+        return self
+
     def stage(self, name: str):
         return next((s for s in self.stages if s.stage == name), None)
+
+    def round_to(self) -> int | None:
+        prune = self.stage("prune")
+        return None if prune is None else (prune.round_to or ROUND_TO_BY_TARGET[self.target])
 
 
 def _format_errors(err: ValidationError, path: Path) -> str:

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from deploykit.artifact import Artifact, seal_stage, verify_stage
 from deploykit.errors import InputError
-from deploykit.models.teacher import check_teacher_spec
+from deploykit.models.teacher import check_teacher_spec, random_weights_spec, teacher_kind
 from deploykit.recipe import Recipe
 from deploykit.stages import STAGES, StageContext
 from deploykit.stages.teacher import source_digest
@@ -50,12 +50,16 @@ class Runner:
         self.console = console or Console(stderr=True)
 
     def _stage_list(self) -> list[tuple[str, object]]:
-        teacher_cfg = {"teacher": self.recipe.teacher}
-        return [("teacher", teacher_cfg)] + [(s.stage, s) for s in self.recipe.stages]
+        teacher_cfg = {"teacher": self.recipe.teacher, "resolution": self.recipe.resolution}
+        # defaults that depend on the target are resolved here, so the cache key holds what ran
+        stages = [s.model_copy(update={"round_to": self.recipe.round_to()}) if s.stage == "prune" else s
+                  for s in self.recipe.stages]
+        return [("teacher", teacher_cfg)] + [(s.stage, s) for s in stages]
 
     def build(self) -> dict:
         # Everything that can be checked before writing is checked before writing.
         check_teacher_spec(self.recipe.teacher, self.recipe_path.parent)
+        self._check_stages_fit_teacher(teacher_kind(self.recipe.teacher, self.recipe_path.parent))
         teacher_source = source_digest(self.recipe.teacher, self.recipe_path.parent)
         self.artifact.check_writable()
         with self.artifact.lock():
@@ -67,6 +71,22 @@ class Runner:
             for index, (name, config) in enumerate(self._stage_list()):
                 records.append(self._run_stage(index, name, config, roles, teacher_source))
             return self._finalize(records, roles)
+
+    def _check_stages_fit_teacher(self, kind: str) -> None:
+        where = f"{self.recipe_path}: stages"
+        if kind == "pipeline":
+            if self.recipe.stage("distill") is not None:
+                raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "
+                                 "data; see the DaKD issue); remove the distill stage")
+            prune = self.recipe.stage("prune")
+            if prune is not None and prune.criterion not in ("magnitude", "random"):
+                raise InputError(f"{where}: prune.criterion {prune.criterion} needs training images; for Stable "
+                                 "Diffusion UNets use magnitude or random")
+        else:
+            bench = self.recipe.stage("bench")
+            if bench is not None and bench.end_to_end is not None:
+                raise InputError(f"{where}: bench.end_to_end times SD pipelines; teacher {self.recipe.teacher} is a "
+                                 "pixel-space UNet")
 
     def _run_stage(self, index: int, name: str, config, roles: dict, teacher_source: str) -> StageRecord:
         spec = STAGES[name]
@@ -135,5 +155,9 @@ class Runner:
         return report
 
 
-def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None) -> dict:
+def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,
+          random_weights: bool = False) -> dict:
+    """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only)."""
+    if random_weights:
+        recipe = recipe.model_copy(update={"teacher": random_weights_spec(recipe.teacher, recipe.topology)})
     return Runner(recipe, recipe_path, out, console).build()

@@ -64,3 +64,24 @@ def measure_pair(teacher: Callable[[], object], student: Callable[[], object], w
     t, s = Latency.from_seconds(t_times), Latency.from_seconds(s_times)
     pair = statistics.median(a / b for a, b in zip(t_times, s_times))
     return PairedLatency(t, s, t.p50_ms / s.p50_ms, pair)
+
+
+def measure_group(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Latency]:
+    """Time several models round-robin in one window; each round starts one model later.
+
+    The pairwise version of this is :func:`measure_pair`; here any number of variants (dense,
+    pruned to 50%, pruned to 30%, ...) share the same drift.
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(runs):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            times[name].append(_time_call(calls[name]))
+        if progress:
+            progress(1)
+    return {name: Latency.from_seconds(t) for name, t in times.items()}

@@ -1,5 +1,6 @@
-"""ONNX export and its check against torch."""
+"""ONNX export (UNets, whole SD / SDXL pipelines in optimum's layout), clean-up, and checks against torch."""
 
-from deploykit.export.onnx import compare_with_torch, export_unet
+from deploykit.export.onnx import compare_onnx, compare_with_torch, export_unet
+from deploykit.export.pipeline import export_pipeline
 
-__all__ = ["compare_with_torch", "export_unet"]
+__all__ = ["compare_onnx", "compare_with_torch", "export_pipeline", "export_unet"]

@@ -4,7 +4,10 @@ A pruned model no longer matches its diffusers config, and torch-pruning's own s
 does not handle diffusers UNets. We store the config the model was built from plus the shape of
 every layer whose shape the config does not give (``architecture.json``), and the weights as
 safetensors. Rebuilding constructs the model from its config, resizes the recorded layers in place,
-re-syncs diffusers' attributes and loads the weights strictly.
+sets every attention's head count, re-syncs diffusers' attributes and loads the weights strictly.
+
+Format 2 records each ``Attention``'s head count (``attention``): after head pruning it cannot be
+read off the shapes. Format 1 files (no head counts) still load, with the rule that wrote them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, load_tensors, save_tensors
 from deploykit.models.sync import sync_diffusers_attributes
 
-FORMAT_VERSION = 1
+
+def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 ARCH_NAME = "architecture.json"
 
@@ -55,6 +65,7 @@ def describe(model: nn.Module) -> dict:
         "class": type(model).__name__,
         "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
         "layers": layers,
+        "attention": {name: {"heads": m.heads} for name, m in _attention_modules(model).items()},
     }
 
 
@@ -92,16 +103,36 @@ def _resize(module: nn.Module, spec: dict) -> None:
 
 def build(arch: dict) -> nn.Module:
     """Construct the model an architecture description names, with its recorded layer shapes."""
-    if arch.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"architecture format {arch.get('format_version')!r} is not {FORMAT_VERSION}")
+    version = arch.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise InputError(f"architecture format {version!r} is not one of {', '.join(map(str, READABLE_VERSIONS))}")
     model = _model_class(arch["class"]).from_config(arch["config"])
     modules = dict(model.named_modules())
+    attention = _attention_modules(model)
+    head_dims = {name: m.inner_dim // m.heads for name, m in attention.items()}  # as built from the config
     for name, spec in arch["layers"].items():
         if name not in modules:
             raise InputError(f"architecture names a layer the model does not have: {name}")
         if _layer_spec(modules[name]) != spec:
             _resize(modules[name], spec)
-    sync_diffusers_attributes(model)
+    if version == 1:
+        # format 1's rule: a multi-head width that divides by the old head width lost whole heads
+        heads = {name: (m.to_q.out_features // head_dims[name]
+                        if m.heads > 1 and m.to_q.out_features % head_dims[name] == 0 else m.heads)
+                 for name, m in attention.items()}
+    else:
+        recorded = arch.get("attention", {})
+        unknown = sorted(set(recorded) - set(attention))
+        if unknown:
+            raise InputError(f"architecture names an attention the model does not have: {unknown[0]}")
+        try:
+            heads = {name: int(spec["heads"]) for name, spec in recorded.items()}
+        except (KeyError, TypeError, ValueError):
+            raise InputError("architecture: every attention entry needs an integer 'heads'") from None
+    try:
+        sync_diffusers_attributes(model, heads=heads)
+    except ValueError as e:
+        raise InputError(f"architecture does not fit together: {e}") from None
     return model
 
 

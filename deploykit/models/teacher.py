@@ -1,4 +1,10 @@
-"""Loading the dense teacher: ``zoo:NAME`` or a local diffusers folder."""
+"""Loading the dense teacher.
+
+A teacher spec is one of: ``zoo:NAME`` (the project's own pixel-space teachers), a local diffusers
+folder (a UNet2DModel, or an SD / SDXL pipeline with ``model_index.json``), ``hf:ORG/NAME[@REVISION]``
+(a hub pipeline; needs the network or the local hub cache), or ``random:TOPOLOGY`` (sd15, sdxl,
+tiny-sd, tiny-sdxl built from config with random weights: for speed, never for quality).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,27 @@ class Teacher:
     source: str
     dataset: str | None = None  # the zoo data set it was trained on, when known
     info: dict = field(default_factory=dict)
+    kind: str = "pixel"         # "pixel" (UNet2DModel), "sd" or "sdxl" (UNet2DConditionModel in a pipeline)
+    pipeline: object = None     # the SD / SDXL pipeline around the UNet
+    random_weights: bool = False
+
+
+def random_weights_spec(spec: str, topology: str | None) -> str:
+    """The ``random:`` spec standing in for ``spec`` under ``--random-weights``."""
+    from deploykit.models.pipelines import KNOWN_HUB_TOPOLOGIES
+
+    if spec.startswith("random:"):
+        return spec
+    hub_id = spec.removeprefix("hf:").split("@")[0]
+    topology = topology or KNOWN_HUB_TOPOLOGIES.get(hub_id)
+    if topology is None:
+        raise InputError(f"--random-weights: no topology known for teacher {spec}; set `topology:` in the recipe "
+                         "(sd15, sdxl, tiny-sd, tiny-sdxl)")
+    return f"random:{topology}"
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith(("hf:", "random:"))
 
 
 def teacher_path(spec: str, base_dir: Path | None = None) -> Path:
@@ -36,18 +63,80 @@ def teacher_path(spec: str, base_dir: Path | None = None) -> Path:
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
-def load_teacher(spec: str, base_dir: Path | None = None) -> Teacher:
+def load_teacher(spec: str, base_dir: Path | None = None, resolution: int | None = None, seed: int = 0) -> Teacher:
+    """Load ``spec``; ``resolution`` (image side in pixels) sets an SD teacher's latent sample shape."""
     if spec.startswith("zoo:"):
         return _load_zoo(spec.removeprefix("zoo:"))
-    return _load_diffusers_folder(teacher_path(spec, base_dir), spec)
+    if spec.startswith("random:"):
+        from deploykit.models.topologies import build_pipeline, topology
+
+        name = spec.removeprefix("random:")
+        return _pipeline_teacher(build_pipeline(name, seed), spec, resolution or topology(name)["image_size"],
+                                 random_weights=True, topology=name)
+    if spec.startswith("hf:"):
+        from deploykit.models.pipelines import load_pretrained_pipeline
+
+        hub_id, _, revision = spec.removeprefix("hf:").partition("@")
+        return _pipeline_teacher(load_pretrained_pipeline(hub_id, revision or None), spec, resolution)
+    path = teacher_path(spec, base_dir)
+    if (path / "model_index.json").is_file():
+        from deploykit.models.pipelines import load_pretrained_pipeline
+
+        return _pipeline_teacher(load_pretrained_pipeline(path), spec, resolution)
+    return _load_diffusers_folder(path, spec)
 
 
 def check_teacher_spec(spec: str, base_dir: Path | None = None) -> None:
     """Fail fast on a teacher that cannot load, before anything is written."""
     if spec.startswith("zoo:"):
         _zoo_files(spec.removeprefix("zoo:"))
+    elif spec.startswith("random:"):
+        from deploykit.models.topologies import topology
+
+        try:
+            topology(spec.removeprefix("random:"))
+        except KeyError as e:
+            raise InputError(str(e.args[0])) from None
+    elif spec.startswith("hf:"):
+        hub_id = spec.removeprefix("hf:").partition("@")[0]
+        if hub_id.count("/") != 1 or not all(hub_id.split("/")):
+            raise InputError(f"teacher {spec}: a hub id is hf:ORG/NAME[@REVISION]")
     else:
-        _unet_folder(teacher_path(spec, base_dir), spec)
+        path = teacher_path(spec, base_dir)
+        if (path / "model_index.json").is_file():
+            from deploykit.models.pipelines import pipeline_class, pipeline_class_of
+
+            pipeline_class(pipeline_class_of(path))
+        else:
+            _unet_folder(path, spec)
+
+
+def teacher_kind(spec: str, base_dir: Path | None = None) -> str:
+    """"pixel" or "pipeline", known from the spec alone (no weights loaded)."""
+    if spec.startswith(("random:", "hf:")):
+        return "pipeline"
+    if spec.startswith("zoo:"):
+        return "pixel"
+    return "pipeline" if (teacher_path(spec, base_dir) / "model_index.json").is_file() else "pixel"
+
+
+def _pipeline_teacher(pipe, spec: str, resolution: int | None, random_weights: bool = False,
+                      topology: str | None = None) -> Teacher:
+    from deploykit.models.pipelines import PIPELINE_KINDS
+
+    unet = pipe.unet.eval()
+    c = unet.config
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    default = (c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]) * scale
+    resolution = resolution or default
+    if resolution % (scale * 8):
+        raise InputError(f"resolution {resolution} is not a multiple of {scale * 8} (the VAE's factor {scale} times 8)")
+    scheduler = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    info = {"resolution": resolution, "vae_scale_factor": scale, "pipeline_class": type(pipe).__name__}
+    if topology:
+        info["topology"] = topology
+    return Teacher(unet, scheduler, (c.in_channels, resolution // scale, resolution // scale), source=spec, info=info,
+                   kind=PIPELINE_KINDS[type(pipe).__name__], pipeline=pipe, random_weights=random_weights)
 
 
 def _zoo_files(name: str) -> tuple[Path, Path, dict]:

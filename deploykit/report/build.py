@@ -19,6 +19,10 @@ def _read(folder: Path | None, name: str) -> dict | None:
     return json.loads((folder / name).read_text())
 
 
+def _device(bench: dict, backend: str) -> str:
+    return bench["device"].get("gpu", "cuda") if backend.endswith("cuda") else bench["device"]["cpu"]
+
+
 def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     teacher = _read(roles["teacher"], "teacher.json") or {}
     prune = _read(roles.get("pruned"), "prune.json")
@@ -29,7 +33,9 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
 
     entries = ["teacher"] + (["pruned"] if prune and distill else []) + (["student"] if prune else [])
     report: dict = {"recipe": recipe.name, "target": recipe.target, "teacher_source": teacher.get("source"),
-                    "random_weights": False}
+                    "teacher_kind": teacher.get("kind", "pixel"), "random_weights": bool(teacher.get("random_weights"))}
+    if "resolution" in teacher:
+        report["resolution"] = teacher["resolution"]
     batch = bench["shape"][0] if bench else 1
     for role in entries:
         model_role = "student" if role == "pruned" else role
@@ -43,7 +49,7 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
             entry["params"] = bench["models"][model_role]["params"]
             entry["macs"] = bench["models"][model_role]["macs"]
             if role != "pruned":  # the pruned model has the student's graph; it is timed once, as the student
-                entry["latency"] = {b: {**v[role], "device": bench["device"]["cpu"]} for b, v in bench["backends"].items()}
+                entry["latency"] = {b: {**v[role], "device": _device(bench, b)} for b, v in bench["backends"].items()}
         entry["quality"] = (evaluation or {}).get("quality", {}).get(role, {})
         report[role] = entry
     if prune:
@@ -55,6 +61,12 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
         report["speedup_pair_median"] = {b: v["speedup_pair_median"] for b, v in bench["backends"].items()}
         report["bench"] = {k: bench[k] for k in ("shape", "precision", "device")}
         report["macs_note"] = f"per UNet call at batch {batch}, {'x'.join(map(str, bench['shape'][1:]))}"
+        if "end_to_end" in bench:
+            e2e = bench["end_to_end"]
+            report["end_to_end"] = {
+                **{k: e2e[k] for k in ("steps", "guidance_scale", "prompt")},
+                "backends": {b: {"teacher_p50_ms": v["teacher"]["p50_ms"], "student_p50_ms": v["student"]["p50_ms"],
+                                 "speedup": v["speedup"], "runs": v["teacher"]["runs"]} for b, v in e2e["backends"].items()}}
     if distill:
         last = distill["losses"][-min(50, len(distill["losses"])):]
         report["distill"] = {"steps": distill["config"]["steps"],
@@ -62,7 +74,8 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     if export:
         report["export"] = {role: v["check"] for role, v in export.items()}
     if evaluation:
-        report["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference")}
+        report["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference", "skipped")
+                          if k in evaluation}
     return report
 
 
@@ -79,7 +92,9 @@ def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path]) -> dict:
         atomic_write_json(staged["model"] / "scheduler_config.json",
                           json.loads((roles["teacher"] / "teacher.json").read_text())["scheduler_config"])
         if "onnx" in roles:
-            shutil.copytree(roles["onnx"] / "student", staged["onnx"], dirs_exist_ok=True)
+            # the student in the recipe's export precision: fp16 when it was asked for
+            fp16 = roles["onnx"] / "student-fp16"
+            shutil.copytree(fp16 if fp16.is_dir() else roles["onnx"] / "student", staged["onnx"], dirs_exist_ok=True)
         if (bench := _read(roles.get("bench"), "bench.json")) is not None:
             latency_bars(staged["plots"] / "latency.png", bench)
         if (distill := _read(roles.get("student"), "distill.json")) is not None:

@@ -30,9 +30,10 @@ def render(report: dict) -> str:
         lines.append("**Random weights: these figures measure speed, never quality.**")
     if "bench" in report:
         b = report["bench"]
-        lines.append(f"Latency: {b['precision']}, input {'x'.join(map(str, b['shape']))}, {b['device']['cpu']}, "
-                     f"{b['device']['threads']} threads; teacher and student interleaved in one run. "
-                     f"MACs {report.get('macs_note', '')}.")
+        where = f"{b['device']['cpu']}, {b['device']['threads']} threads" + (f"; {b['device']['gpu']}" if "gpu" in b["device"] else "")
+        lines.append(f"Latency: {b['precision']}, UNet input {'x'.join(map(str, b['shape']))}"
+                     + (f" ({report['resolution']}x{report['resolution']} images)" if "resolution" in report else "")
+                     + f", {where}; teacher and student interleaved in one run. MACs {report.get('macs_note', '')}.")
     lines.append("")
     header = ["model", "params", "MACs"] + [f"{b} p50 ms" for b in backends] + metrics
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -52,12 +53,25 @@ def render(report: dict) -> str:
         for b in backends:
             lines.append(f"| {b} | **{report['speedup'][b]:.2f}x** | {report['speedup_pair_median'][b]:.2f}x |")
         lines.append("")
+    if "end_to_end" in report:
+        e = report["end_to_end"]
+        lines += [f"End to end (text encoding, {e['steps']} steps at guidance {e['guidance_scale']}, VAE decode; one image):", "",
+                  "| backend | teacher p50 s | student p50 s | speedup |", "|---|---|---|---|"]
+        for b, v in e["backends"].items():
+            lines.append(f"| {b} | {v['teacher_p50_ms'] / 1e3:.2f} | {v['student_p50_ms'] / 1e3:.2f} | **{v['speedup']:.2f}x** |")
+        lines.append("")
     if "macs_ratio" in report:
         lines.append(f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
                      f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}.")
     if "distill" in report:
         lines.append(f"Recovery: {report['distill']['steps']} steps, final loss {report['distill']['final_loss']:.4f}.")
-    if "eval" in report:
+    if report.get("eval", {}).get("skipped"):
+        lines.append(f"Quality not measured: {report['eval']['skipped']}.")
+    elif report.get("teacher_kind", "pixel") != "pixel" and "eval" in report:
+        ev = report["eval"]
+        lines.append(f"Quality: {ev['num_samples']} images, {ev['steps']} {ev['scheduler']} steps; PSNR / SSIM of each "
+                     "model's images against the teacher's from the same prompts and seeds.")
+    elif "eval" in report:
         ev = report["eval"]
         ref = ev.get("reference", {})
         lines.append(f"Quality: {ev['num_samples']} samples, {ev['steps']} {ev['scheduler'].upper()} steps, the same noise "
@@ -67,5 +81,9 @@ def render(report: dict) -> str:
     if "export" in report:
         checks = ", ".join(f"{r} max |diff| {c['max_abs_error']:.1e}" for r, c in report["export"].items())
         lines.append(f"ONNX vs torch (polygraphy, ONNX Runtime CPU): {checks}.")
-    lines += ["", "![latency](plots/latency.png)", "", "![samples](samples/teacher_vs_student.png)", ""]
+    lines.append("")
+    if "bench" in report:
+        lines += ["![latency](plots/latency.png)", ""]
+    if "eval" in report and not report["eval"].get("skipped"):
+        lines += ["![samples](samples/teacher_vs_student.png)", ""]
     return "\n".join(lines)

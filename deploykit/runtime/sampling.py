@@ -9,18 +9,28 @@ import torch
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample, timesteps) -> noise
 
 
-def make_scheduler(name: str, train_config: dict):
-    """A diffusers scheduler for inference, configured like the one the model was trained with."""
+def _scheduler_class(name: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     classes = {"ddim": DDIMScheduler, "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(classes)})")
+    return classes[name]
+
+
+def make_pipeline_scheduler(name: str, pipeline_config: dict):
+    """The named scheduler, configured from an SD pipeline's own scheduler config (betas, offsets)."""
+    return _scheduler_class(name).from_config(pipeline_config)
+
+
+def make_scheduler(name: str, train_config: dict):
+    """A diffusers scheduler for inference, configured like the one the model was trained with."""
+    cls = _scheduler_class(name)
     kwargs = {k: v for k, v in train_config.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
                                                               "beta_end", "prediction_type")}
     if name == "ddim":
         kwargs.update(clip_sample=True, set_alpha_to_one=True)
-    return classes[name](**kwargs)
+    return cls(**kwargs)
 
 
 @torch.no_grad()

@@ -1,67 +1,137 @@
-"""bench: teacher and student latency per backend, interleaved in one run on the same inputs."""
+"""bench: teacher and student latency per backend, interleaved in one run on the same inputs.
+
+Per UNet call at the recipe's batch (SD: batch 2, the two halves of classifier-free guidance), and
+for SD pipelines optionally end to end: text encoding, N steps, VAE decode.
+"""
 
 from __future__ import annotations
 
-import platform
+import warnings
+from collections.abc import Callable
 
 import torch
 
 from deploykit.bench import measure_pair
+from deploykit.bench.machine import device_info
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import count_macs, count_params, load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, cpu_threads
 from deploykit.stages.base import StageContext, StageSpec
-from deploykit.stages.data import example_inputs, teacher_meta
+from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+
+ROLES = ("teacher", "student")
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _onnx_dir(ctx: StageContext, role: str, fp16: bool):
+    if "onnx" not in ctx.inputs:
+        raise InputError("bench: onnxruntime backends need an export stage before bench")
+    folder = ctx.inputs["onnx"] / (f"{role}-fp16" if fp16 else role)
+    if not folder.is_dir():
+        raise InputError(f"bench: no {'fp16 ' if fp16 else ''}ONNX export of the {role} (set export.fp16: true)")
+    return folder
 
 
-def _backend_pair(name: str, ctx: StageContext, models: dict):
-    if name == "torch-cpu":
-        return TorchBackend(models["teacher"]), TorchBackend(models["student"])
-    if name == "onnxruntime-cpu":
-        if "onnx" not in ctx.inputs:
-            raise InputError("bench backend onnxruntime-cpu needs an export stage before bench")
-        return tuple(OnnxRuntimeBackend(ctx.inputs["onnx"] / role / "unet" / "model.onnx") for role in ("teacher", "student"))
-    raise InputError(f"backend {name} is not available on this machine")
+def _check_device(name: str) -> None:
+    if name.endswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"bench backend {name}: no CUDA device on this machine")
+    if name == "onnxruntime-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("bench backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
+                             "(install onnxruntime-gpu)")
+
+
+def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool) -> list:
+    cfg = ctx.config
+    if name.startswith("torch-"):
+        device = "cuda" if name == "torch-cuda" else "cpu"
+        dtype = torch.float16 if fp16 else torch.float32
+        return [TorchBackend(models[r], device, dtype, compile=cfg.compile) for r in ROLES]
+    providers = ["CUDAExecutionProvider"] if name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
+    return [OnnxRuntimeBackend(_onnx_dir(ctx, r, fp16) / "unet" / "model.onnx", providers) for r in ROLES]
+
+
+def _end_to_end_callables(name: str, ctx: StageContext, models: dict, meta: dict, fp16: bool) -> list[Callable]:
+    e2e, side = ctx.config.end_to_end, meta["resolution"]
+    kwargs = {"num_inference_steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "height": side, "width": side,
+              "output_type": "np"}
+    if name.startswith("torch-"):
+        device = "cuda" if name == "torch-cuda" else "cpu"
+        pipes = [load_teacher_pipeline(ctx.inputs["teacher"], models[r]).to(device, torch.float16 if fp16 else torch.float32)
+                 for r in ROLES]
+    else:
+        from optimum.onnxruntime import ORTDiffusionPipeline
+
+        provider = "CUDAExecutionProvider" if name == "onnxruntime-cuda" else "CPUExecutionProvider"
+        pipes = [ORTDiffusionPipeline.from_pretrained(_onnx_dir(ctx, r, fp16), provider=provider) for r in ROLES]
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
+
+    def generate(pipe) -> Callable:
+        def call():
+            with warnings.catch_warnings():  # optimum's ORT wrappers trip diffusers' deprecation notices
+                warnings.simplefilter("ignore", FutureWarning)
+                out = pipe(e2e.prompt, generator=torch.Generator().manual_seed(ctx.seed), **kwargs).images
+            if name == "torch-cuda":
+                torch.cuda.synchronize()
+            return out
+        return call
+
+    return [generate(p) for p in pipes]
+
+
+def _pair_record(pair) -> dict:
+    return {"teacher": pair.teacher.__dict__, "student": pair.student.__dict__,
+            "speedup": pair.speedup, "speedup_pair_median": pair.speedup_pair_median}
 
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
+    pipeline = is_pipeline(meta)
+    if cfg.end_to_end is not None and not pipeline:
+        raise InputError("bench.end_to_end: end-to-end timing is for SD pipelines; this teacher is a pixel-space UNet")
+    for name in cfg.backends:
+        _check_device(name)
+    fp16 = cfg.precision == "fp16"
     torch.set_num_threads(cpu_threads())
-    models = {role: load_model(ctx.inputs[role] / "model") for role in ("teacher", "student")}
-    x, t = example_inputs(meta, cfg.batch_size, ctx.seed)
-    shape = [cfg.batch_size, *meta["sample_shape"]]
+    batch = cfg.batch_size or (2 if pipeline else 32)
+    models = {role: load_model(ctx.inputs[role] / "model") for role in ROLES}
+    inputs = example_inputs(meta, models["teacher"], batch, ctx.seed)
     result = {
-        "shape": shape,
-        "precision": "fp32",
-        "device": {"cpu": cpu_name(), "threads": cpu_threads(), "torch": torch.__version__},
-        "models": {role: {"params": count_params(m), "macs": count_macs(m, (x, t))} for role, m in models.items()},
+        "shape": [batch, *meta["sample_shape"]],
+        "precision": cfg.precision,
+        "device": device_info(cuda=any(b.endswith("cuda") for b in cfg.backends)),
+        "models": {role: {"params": count_params(m), "macs": count_macs(m, inputs)} for role, m in models.items()},
         "backends": {},
     }
+    if pipeline:
+        result["resolution"] = meta["resolution"]
     for name in cfg.backends:
-        teacher, student = _backend_pair(name, ctx, models)
+        teacher, student = _step_backends(name, ctx, models, fp16)
         with ctx.progress(f"{name} teacher vs student", cfg.runs) as advance:
-            pair = measure_pair(lambda: teacher(x, t), lambda: student(x, t), cfg.warmup, cfg.runs, advance)
-        result["backends"][name] = {
-            "teacher": pair.teacher.__dict__, "student": pair.student.__dict__,
-            "speedup": pair.speedup, "speedup_pair_median": pair.speedup_pair_median,
-        }
+            pair = measure_pair(lambda: teacher(*inputs), lambda: student(*inputs), cfg.warmup, cfg.runs, advance)
+        del teacher, student
+        result["backends"][name] = _pair_record(pair)
         ctx.console.print(f"  {name}: teacher p50 {pair.teacher.p50_ms:.1f} ms, student p50 {pair.student.p50_ms:.1f} ms "
-                          f"-> {pair.speedup:.2f}x (batch {cfg.batch_size}, fp32)")
+                          f"-> {pair.speedup:.2f}x (UNet call, batch {batch}, {cfg.precision})")
+    if cfg.end_to_end is not None:
+        e2e = cfg.end_to_end
+        result["end_to_end"] = {"steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "prompt": e2e.prompt,
+                                "images": 1, "backends": {}}
+        for name in cfg.backends:
+            teacher, student = _end_to_end_callables(name, ctx, models, meta, fp16)
+            with ctx.progress(f"{name} end to end", e2e.runs) as advance:
+                pair = measure_pair(teacher, student, e2e.warmup, e2e.runs, advance)
+            del teacher, student
+            result["end_to_end"]["backends"][name] = _pair_record(pair)
+            ctx.console.print(f"  {name} end to end ({e2e.steps} steps): teacher {pair.teacher.p50_ms / 1e3:.2f} s, "
+                              f"student {pair.student.p50_ms / 1e3:.2f} s -> {pair.speedup:.2f}x")
     atomic_write_json(ctx.out / "bench.json", result)
     return {name: v["speedup"] for name, v in result["backends"].items()}
 
 
-BENCH = StageSpec(name="bench", version="1", reads=("teacher", "student"), optional_reads=("onnx",),
+BENCH = StageSpec(name="bench", version="2", reads=("teacher", "student"), optional_reads=("onnx",),
                   writes={"bench": "."}, run=run)

@@ -12,6 +12,7 @@ from deploykit.io import load_tensors
 
 TEACHER_JSON = "teacher.json"
 FEATURES = "features.safetensors"
+PIPELINE_DIR = "pipeline"  # an SD teacher's other components (text encoders, VAE, tokenizers, scheduler)
 
 
 def teacher_meta(teacher_dir: Path) -> dict:
@@ -36,11 +37,22 @@ def feature_extractor(teacher_dir: Path) -> DigitsClassifier | None:
     return model.eval()
 
 
-def example_inputs(meta: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *meta["sample_shape"], generator=gen)
-    t = torch.randint(0, meta["scheduler_config"]["num_train_timesteps"], (batch,), generator=gen)
-    return x, t
+def is_pipeline(meta: dict) -> bool:
+    return meta.get("kind", "pixel") in ("sd", "sdxl")
+
+
+def example_inputs(meta: dict, model: torch.nn.Module, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """One UNet call's inputs at the build's resolution, in the UNet's positional order."""
+    from deploykit.models.inputs import example_unet_inputs
+
+    return example_unet_inputs(model, batch, size=meta["sample_shape"][-1], seed=seed,
+                               num_train_timesteps=meta["scheduler_config"]["num_train_timesteps"])
+
+
+def load_teacher_pipeline(teacher_dir: Path, unet: torch.nn.Module):
+    from deploykit.models.pipelines import load_pipeline
+
+    return load_pipeline(teacher_dir / PIPELINE_DIR, unet)
 
 
 def noise_scheduler(meta: dict):

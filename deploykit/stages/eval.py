@@ -1,4 +1,8 @@
-"""eval: FID against the real data, PSNR / SSIM against the teacher, and a sample grid."""
+"""eval: FID against the real data, PSNR / SSIM against the teacher, and a sample grid.
+
+SD pipelines have no data set here: their students are compared with the teacher image by image,
+the same prompt and seed through both. A random-weights teacher is not evaluated at all.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,61 @@ import torch
 from deploykit.eval import extract_features, feature_stats, fid, frechet_distance, psnr_ssim, save_comparison_grid
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
-from deploykit.runtime import TorchBackend, make_scheduler, sample_batched
+from deploykit.runtime import TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.stages.base import StageContext, StageSpec
-from deploykit.stages.data import feature_extractor, teacher_meta, training_images
+from deploykit.stages.data import feature_extractor, is_pipeline, load_teacher_pipeline, teacher_meta, training_images
+
+
+def _roles(ctx: StageContext) -> list[str]:
+    roles = [r for r in ("teacher", "pruned", "student") if r in ctx.inputs]
+    # "pruned" and "student" are the same folder when no recovery stage ran
+    if "pruned" in roles and ctx.inputs.get("pruned") == ctx.inputs.get("student"):
+        roles.remove("pruned")
+    return roles
+
+
+def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
+    cfg = ctx.config
+    pipe = load_teacher_pipeline(ctx.inputs["teacher"], load_model(ctx.inputs[role] / "model"))
+    pipe.scheduler = make_pipeline_scheduler(cfg.scheduler, dict(pipe.scheduler.config))
+    images = []
+    with ctx.progress(f"generating with the {role}", cfg.num_samples) as advance:
+        for i in range(cfg.num_samples):
+            out = pipe(cfg.prompts[i % len(cfg.prompts)], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                       height=meta["resolution"], width=meta["resolution"], output_type="pt",
+                       generator=torch.Generator().manual_seed(ctx.seed + i)).images
+            images.append(out * 2 - 1)  # [0, 1] -> [-1, 1], as the metrics and grids take them
+            advance(1)
+    return torch.cat(images)
+
+
+def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
+    cfg = ctx.config
+    roles = _roles(ctx)
+    if meta.get("random_weights"):
+        ctx.console.print("  [yellow]random weights: quality is not measured[/]")
+        atomic_write_json(ctx.out / "eval.json", {"quality": {r: {} for r in roles}, "skipped": "random weights",
+                                                  "num_samples": 0, "steps": cfg.steps, "scheduler": cfg.scheduler,
+                                                  "reference": {}})
+        return {}
+    samples = {role: _pipeline_samples(ctx, meta, role) for role in roles}
+    quality = {role: psnr_ssim(samples[role], samples["teacher"]) if role != "teacher" else {} for role in roles}
+    save_comparison_grid(ctx.out / "samples.png", {r: samples[r][:cfg.grid_samples] for r in roles}, cols=4, scale=1)
+    atomic_write_json(ctx.out / "eval.json", {
+        "quality": quality, "num_samples": cfg.num_samples, "steps": cfg.steps, "scheduler": cfg.scheduler,
+        "reference": {"compared_with": "the teacher's images from the same prompts and seeds",
+                      "prompts": cfg.prompts, "guidance_scale": cfg.guidance_scale}})
+    for role in roles[1:]:
+        ctx.console.print(f"  {role}: " + ", ".join(f"{k} {v:.3f}" for k, v in quality[role].items()))
+    return quality
 
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
-    roles = [r for r in ("teacher", "pruned", "student") if r in ctx.inputs]
-    # "pruned" and "student" are the same folder when no recovery stage ran
-    if "pruned" in roles and ctx.inputs.get("pruned") == ctx.inputs.get("student"):
-        roles.remove("pruned")
+    if is_pipeline(meta):
+        return _run_pipeline(ctx, meta)
+    roles = _roles(ctx)
     noise = torch.randn(cfg.num_samples, *meta["sample_shape"], generator=torch.Generator().manual_seed(ctx.seed))
     samples = {}
     for role in roles:
@@ -53,5 +100,5 @@ def run(ctx: StageContext) -> dict:
     return quality
 
 
-EVAL = StageSpec(name="eval", version="1", reads=("teacher", "student"), optional_reads=("pruned",),
+EVAL = StageSpec(name="eval", version="2", reads=("teacher", "student"), optional_reads=("pruned",),
                  writes={"eval": "."}, run=run)

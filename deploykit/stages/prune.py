@@ -27,13 +27,14 @@ def run(ctx: StageContext) -> dict:
                                                             cfg.gradient_batches, ctx.seed))
 
     config = PruneConfig(criterion=cfg.criterion, macs_target=cfg.macs_target, round_to=cfg.round_to,
-                         ignored=tuple(cfg.ignored), max_layer_ratio=cfg.max_layer_ratio, seed=ctx.seed)
+                         ignored=None if cfg.ignored is None else tuple(cfg.ignored), max_layer_ratio=cfg.max_layer_ratio,
+                         seed=ctx.seed)
     # MACs per sample: the search only needs ratios, and batch 1 traces fastest
-    x, t = example_inputs(meta, 1, ctx.seed)
+    inputs = example_inputs(meta, teacher, 1, ctx.seed)
     with ctx.progress("searching pruning ratio", config.search_steps) as advance:
         try:
             student, result = prune_to_macs(
-                teacher, (x, t), config, forward_loop,
+                teacher, inputs, config, forward_loop,
                 on_trial=lambda tr: advance(info=f"ratio {tr['pruning_ratio']:.3f} -> MACs {tr['macs_ratio']:.1%}"))
         except ValueError as e:  # a target the recipe asks for and the model cannot reach
             raise InputError(f"prune.macs_target: {e}") from None

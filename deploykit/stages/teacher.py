@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,13 +10,24 @@ from deploykit.artifact import digest, hash_folder
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, sha256_file
 from deploykit.models import count_params, load_teacher, save_model
+from deploykit.models.pipelines import save_components
 from deploykit.models.teacher import teacher_path
 from deploykit.stages.base import StageContext, StageSpec
-from deploykit.stages.data import FEATURES, TEACHER_JSON
+from deploykit.stages.data import FEATURES, PIPELINE_DIR, TEACHER_JSON
 
 
 def source_digest(spec: str, base_dir: Path | None) -> str:
-    """Content hash of the teacher's source files, so a retrained teacher invalidates the cache."""
+    """Content hash of the teacher's source files, so a retrained teacher invalidates the cache.
+
+    A hub teacher is keyed by its id and revision (pin ``@REVISION`` for a reproducible key); a
+    random-weights teacher by its topology's config.
+    """
+    if spec.startswith("random:"):
+        from deploykit.models.topologies import topology
+
+        return digest({"topology": json.dumps(topology(spec.removeprefix("random:")), sort_keys=True)})
+    if spec.startswith("hf:"):
+        return digest({"hub": spec})
     path = teacher_path(spec, base_dir)
     if not path.exists():
         raise InputError(f"teacher path does not exist: {spec}")
@@ -23,9 +35,14 @@ def source_digest(spec: str, base_dir: Path | None) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    teacher = load_teacher(ctx.config["teacher"], ctx.recipe_dir)
+    teacher = load_teacher(ctx.config["teacher"], ctx.recipe_dir, ctx.config.get("resolution"), ctx.seed)
+    if teacher.random_weights:
+        ctx.console.print("  [yellow]random weights: this build measures speed, not quality[/]")
     save_model(teacher.model, ctx.out / "model")
-    meta = {"source": teacher.source, "dataset": teacher.dataset, "sample_shape": list(teacher.sample_shape),
+    if teacher.pipeline is not None:
+        save_components(teacher.pipeline, ctx.out / PIPELINE_DIR)
+    meta = {"source": teacher.source, "kind": teacher.kind, "random_weights": teacher.random_weights,
+            "dataset": teacher.dataset, "sample_shape": list(teacher.sample_shape),
             "scheduler_config": teacher.scheduler_config, "params": count_params(teacher.model), **teacher.info}
     atomic_write_json(ctx.out / TEACHER_JSON, meta)
     if teacher.source.startswith("zoo:"):
@@ -35,4 +52,4 @@ def run(ctx: StageContext) -> dict:
     return {"params": meta["params"]}
 
 
-TEACHER = StageSpec(name="teacher", version="1", reads=(), writes={"teacher": "."}, run=run)
+TEACHER = StageSpec(name="teacher", version="2", reads=(), writes={"teacher": "."}, run=run)
