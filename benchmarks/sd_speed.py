@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from deploykit.bench import measure_group
-from deploykit.bench.machine import device_info
+from deploykit.bench.machine import command_line, device_info
 from deploykit.models import count_macs, count_params
 from deploykit.models.inputs import example_unet_inputs
 from deploykit.models.topologies import build_unet
@@ -99,20 +99,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def command_line() -> str:
-    """The command that regenerates the committed files (``--out`` left out: it only says where they went)."""
-    argv, kept = sys.argv[1:], []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            kept.append(a)
-    return " ".join(["python benchmarks/sd_speed.py", *kept])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topology", default="sd15", choices=["sd15", "sdxl", "tiny-sd", "tiny-sdxl"])
@@ -148,7 +134,7 @@ def main() -> int:
         models[name] = {"macs": macs, "macs_ratio": macs / macs_dense, "params": count_params(v["model"]),
                         **{k: v[k] for k in ("macs_target", "prune_seconds", "pruning_ratio") if k in v}}
     result = {
-        "command": command_line(),
+        "command": command_line("benchmarks/sd_speed.py"),
         "topology": args.topology, "random_weights": True, "resolution": resolution,
         "shape": list(inputs[0].shape), "precision": "fp16" if cuda else "fp32", "round_to": round_to,
         "warmup": args.warmup, "runs": args.runs,

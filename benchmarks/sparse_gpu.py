@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from deploykit.bench import measure_group
-from deploykit.bench.machine import device_info
+from deploykit.bench.machine import command_line, device_info
 from deploykit.models import count_macs, count_params
 from deploykit.models.inputs import example_unet_inputs
 from deploykit.models.topologies import build_unet
@@ -323,7 +323,7 @@ def main() -> int:
                 f"({info['sparse_macs_share']:.1%} of the conv + linear MACs), skipped {info['semi_structured']['skipped_by_reason']}, "
                 f"max |diff| vs masked dense {info['max_abs_diff_vs_masked_dense']:.2e} ({time.perf_counter() - started:.0f} s)")
     result = {
-        "command": "python benchmarks/sparse_gpu.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("/")).replace("--out ", ""),
+        "command": command_line("benchmarks/sparse_gpu.py"),
         "topology": topology, "random_weights": True, "resolution": resolution, "shape": list(inputs[0].shape),
         "precision": "fp16" if dtype == torch.float16 else "fp32", "macs_target": args.macs_target, "round_to": args.round_to,
         "sparsity": {"method": sparsity.method, "min_features": sparsity.min_features, "exclude": list(sparsity.exclude)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 
 import torch
 
@@ -26,3 +27,17 @@ def device_info(cuda: bool = False) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def command_line(script: str) -> str:
+    """The command that regenerates a benchmark's committed files; ``--out`` is left out, it only
+    says where they went."""
+    kept, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join([f"python {script}", *kept])

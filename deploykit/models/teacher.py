@@ -46,10 +46,6 @@ def random_weights_spec(spec: str, topology: str | None) -> str:
     return f"random:{topology}"
 
 
-def is_remote(spec: str) -> bool:
-    return spec.startswith(("hf:", "random:"))
-
-
 def teacher_path(spec: str, base_dir: Path | None = None) -> Path:
     """Where a teacher's files are: the zoo folder, or a local path (relative to ``base_dir``)."""
     if spec.startswith("zoo:"):

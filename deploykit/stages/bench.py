@@ -91,8 +91,6 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
     pipeline = is_pipeline(meta)
-    if cfg.end_to_end is not None and not pipeline:
-        raise InputError("bench.end_to_end: end-to-end timing is for SD pipelines; this teacher is a pixel-space UNet")
     for name in cfg.backends:
         _check_device(name)
     fp16 = cfg.precision == "fp16"
