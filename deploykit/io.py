@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import struct
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +33,26 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` one after the other, atomically: a large file never has to fit in memory whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write_chunks(path, [data])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -55,18 +63,54 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Save tensors as safetensors, atomically."""
-    from safetensors.torch import save
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(contiguous, metadata=metadata))
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save tensors as safetensors, atomically, streaming one tensor at a time.
+
+    ``safetensors.torch.save`` builds the whole file in memory first: for SDXL's 10 GB UNet that is a
+    second copy of the weights, which a 24 GB machine cannot hold beside the model. The format is a
+    little-endian u64 header length, a JSON header of dtypes, shapes and byte offsets (padded to 8
+    bytes), then the raw little-endian tensor bytes in header order; ``safetensors`` reads it back.
+    """
+    if sys.byteorder != "little":  # the raw bytes below are the machine's; the format wants little-endian
+        raise OSError("writing safetensors needs a little-endian machine")
+    header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    offset, ordered = 0, []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored as safetensors here")
+        t = tensor.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        ordered.append(t)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(blob)) + blob
+        for t in ordered:
+            if t.numel():
+                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+    atomic_write_chunks(path, chunks())
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of a safetensors file, read through a memory map, one tensor at a time.
 
-    return load_file(str(path))
+    Each is cloned into its own allocation: the tensors safetensors hands out keep its buffer's
+    alignment, on which the CPU kernels took another path and moved results in the last bits
+    (a reloaded model no longer matched the one saved exactly).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name).clone() for name in f.keys()}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

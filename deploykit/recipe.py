@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deploykit.errors import InputError
 from deploykit.prune.core import DEFAULT_IGNORED
+from deploykit.sparsity.masks import DEFAULT_EXCLUDE, DEFAULT_MIN_FEATURES
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
 Target = Literal["cpu", "cuda"]
@@ -45,6 +46,20 @@ class PruneStage(_Strict):
     batch_size: int = Field(64, ge=1, le=4096)
 
 
+class SparsifyStage(_Strict):
+    """2:4 semi-structured masks on the student's eligible Linear / Conv2d weights (the teacher's without a prune stage)."""
+
+    stage: Literal["sparsify"] = "sparsify"
+    method: Literal["magnitude", "sparsegpt"] = Field("magnitude", description="sparsegpt needs nvidia-modelopt")
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1, description="fnmatch globs of layer names")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
+                               description=f"layers kept dense (default: {', '.join(DEFAULT_EXCLUDE)})")
+    min_features: int = Field(DEFAULT_MIN_FEATURES, ge=0, le=1_000_000,
+                              description="layers with fewer input or output channels stay dense (2:4 kernels do not win there)")
+    calibration_batches: int = Field(4, ge=1, le=1000, description="sparsegpt: batches of calibration inputs")
+    calibration_batch_size: int = Field(16, ge=1, le=4096)
+
+
 class DistillStage(_Strict):
     """Recovery fine-tuning: denoising loss plus output KD against the dense teacher."""
 
@@ -56,6 +71,10 @@ class DistillStage(_Strict):
     denoise_weight: float = Field(1.0, ge=0)
     output_kd_weight: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(50, ge=1)
+    mask_mode: Literal["fixed", "sr-ste"] = Field(
+        "fixed", description="a 2:4 student's masks: fixed (re-applied after every step) or sr-ste (re-chosen every step "
+                             "from the dense weights, straight-through gradients, decay on the pruned weights)")
+    sr_ste_decay: float = Field(2e-4, ge=0, lt=1, description="sr-ste: lambda of the decay on masked-out weights")
 
     @model_validator(mode="after")
     def _some_loss(self):
@@ -94,6 +113,8 @@ class BenchStage(_Strict):
                                    description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="fp16 needs a CUDA backend")
     compile: bool = Field(False, description="torch backends: time torch.compile'd models (CUDA)")
+    semi_structured: bool = Field(True, description="torch-cuda: run a 2:4 student's masked layers on cuSPARSELt "
+                                                    "(false: the same zeros through dense kernels)")
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=3, le=100_000)
     end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
@@ -123,13 +144,13 @@ class EvalStage(_Strict):
     grid_samples: int = Field(32, ge=1, le=256)
 
 
-Stage = Annotated[Union[PruneStage, DistillStage, ExportStage, BenchStage, EvalStage], Field(discriminator="stage")]
+Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, BenchStage, EvalStage], Field(discriminator="stage")]
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset")
 
 # A stage may only come after the stages it reads from.
-_ORDER = ["prune", "distill", "export", "bench", "eval"]
+_ORDER = ["prune", "sparsify", "distill", "export", "bench", "eval"]
 
 
 class Recipe(_Strict):
@@ -153,8 +174,8 @@ class Recipe(_Strict):
         if names != sorted(names, key=_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(n for n in _ORDER if n in names)}")
         needs_student = [n for n in names if n in ("distill", "export", "bench", "eval")]
-        if needs_student and "prune" not in names:
-            raise ValueError(f"{needs_student[0]} works on a student: add a prune stage before it")
+        if needs_student and "prune" not in names and "sparsify" not in names:
+            raise ValueError(f"{needs_student[0]} works on a student: add a prune or sparsify stage before it")
         return stages
 
     @model_validator(mode="after")

@@ -7,21 +7,33 @@ recovery; the second is output knowledge distillation, which the full DaKD objec
 The algorithm never owns the data: ``batches(step)`` returns the clean batch for a step. Because the
 batch, the timesteps and the noise of step ``k`` are drawn from generators seeded by ``(seed, k)``,
 a run resumed from a checkpoint continues with exactly the numbers it would have seen.
+
+A 2:4 student (``masks`` from :func:`deploykit.sparsity.sparsify`) stays 2:4. ``mask_mode="fixed"``
+re-applies the masks after every optimizer step (the masks chosen once, as NVIDIA's ASP does).
+``"sr-ste"`` keeps dense weights, runs the forward pass with the 2:4 magnitude mask of the current
+weights (re-chosen every step, so a weight can come back), passes gradients straight through and
+adds ``sr_ste_decay * (1 - mask) * w`` to the gradient of the masked-out weights, which pulls them
+towards zero so the masks settle (SR-STE, Zhou et al., ICLR 2021; SparseDM fine-tunes diffusion
+UNets with it). At the end the weights are masked and ``masks`` holds the final choice.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from deploykit.io import atomic_write_json, load_tensors, save_tensors
+from deploykit.sparsity import apply_masks, check_2to4, magnitude_mask
+
+MASK_MODES = ("fixed", "sr-ste")
 
 
 @dataclass
@@ -35,6 +47,8 @@ class RecoveryConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
+    mask_mode: str = "fixed"       # 2:4 students: "fixed" or "sr-ste"
+    sr_ste_decay: float = 2e-4     # sr-ste: lambda_W of SR-STE
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -46,6 +60,44 @@ def _lr_factor(cfg: RecoveryConfig, step: int) -> float:
         return (step + 1) / cfg.warmup_steps
     done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+
+class _SparseRefinedSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, decay: float) -> torch.Tensor:
+        mask = magnitude_mask(weight)
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * weight * (~mask), None
+
+
+class _SRSTEWeight(nn.Module):
+    """A parametrization: the layer sees the 2:4-masked weight; the optimizer updates the dense one."""
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _SparseRefinedSTE.apply(weight, self.decay)
+
+
+def _start_sr_ste(student: nn.Module, masks: MutableMapping[str, torch.Tensor], decay: float) -> None:
+    for name in masks:
+        parametrize.register_parametrization(student.get_submodule(name), "weight", _SRSTEWeight(decay))
+
+
+def _finish_sr_ste(student: nn.Module, masks: MutableMapping[str, torch.Tensor]) -> None:
+    for name in masks:
+        module = student.get_submodule(name)
+        with torch.no_grad():
+            masks[name] = magnitude_mask(module.parametrizations.weight.original)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)  # keeps the masked weight
 
 
 class _Checkpoint:
@@ -92,14 +144,25 @@ def recover(
     config: RecoveryConfig,
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    masks: MutableMapping[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Fine-tune ``student`` in place; returns it and the per-step loss terms.
 
     ``batches(step, generator)`` returns the clean images of a step, drawing any randomness from
-    ``generator``. ``noise_scheduler`` is a diffusers training scheduler (``add_noise``).
+    ``generator``. ``noise_scheduler`` is a diffusers training scheduler (``add_noise``). ``masks``
+    (module name -> 2:4 bool mask) keeps a sparse student sparse; under ``mask_mode="sr-ste"`` the
+    dict is updated in place with the masks the training settled on.
     """
+    if config.mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode {config.mask_mode!r} is not one of {MASK_MODES}")
     teacher.eval().requires_grad_(False)
     student.train()
+    sr_ste = bool(masks) and config.mask_mode == "sr-ste"
+    if masks and not sr_ste:
+        apply_masks(student, masks)
+    if sr_ste:
+        # before the optimizer and the checkpoint: both see the dense weights under their parametrized names
+        _start_sr_ste(student, masks, config.sr_ste_decay)
     opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ckpt = _Checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
     start, losses = ckpt.load(student, opt) if ckpt else (0, [])
@@ -124,12 +187,20 @@ def recover(
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
         opt.step()
+        if masks and not sr_ste:
+            apply_masks(student, masks)
         record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
         losses.append(record)
         if on_step:
             on_step(step + 1, record)
         if ckpt and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             ckpt.save(step + 1, student, opt, losses)
+    if sr_ste:
+        _finish_sr_ste(student, masks)
+    if masks:
+        bad = check_2to4(student, masks)
+        if bad:  # a bug, not bad input: every path above leaves the masked weights 2:4
+            raise RuntimeError("recovery left weights that are not 2:4: " + "; ".join(map(str, bad[:3])))
     return student.eval(), losses
 
 

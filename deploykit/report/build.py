@@ -25,13 +25,15 @@ def _device(bench: dict, backend: str) -> str:
 
 def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     teacher = _read(roles["teacher"], "teacher.json") or {}
-    prune = _read(roles.get("pruned"), "prune.json")
+    prune = _read(roles.get("prune"), "prune.json")
+    sparsity = _read(roles.get("sparsity"), "sparsify.json")
     distill = _read(roles.get("student"), "distill.json") if roles.get("student") != roles.get("pruned") else None
     export = _read(roles.get("onnx"), "export.json")
     bench = _read(roles.get("bench"), "bench.json")
     evaluation = _read(roles.get("eval"), "eval.json")
 
-    entries = ["teacher"] + (["pruned"] if prune and distill else []) + (["student"] if prune else [])
+    has_student = "student" in roles
+    entries = ["teacher"] + (["pruned"] if has_student and distill else []) + (["student"] if has_student else [])
     report: dict = {"recipe": recipe.name, "target": recipe.target, "teacher_source": teacher.get("source"),
                     "teacher_kind": teacher.get("kind", "pixel"), "random_weights": bool(teacher.get("random_weights"))}
     if "resolution" in teacher:
@@ -40,7 +42,7 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     for role in entries:
         model_role = "student" if role == "pruned" else role
         entry: dict = {}
-        if prune:
+        if prune:  # (without a prune stage the student has the teacher's shapes; bench counts both)
             key = "teacher" if role == "teacher" else "student"
             entry["params"] = prune[f"params_{key}"]
             entry["macs_per_sample"] = prune[f"macs_per_sample_{key}"]
@@ -67,6 +69,15 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
                 **{k: e2e[k] for k in ("steps", "guidance_scale", "prompt")},
                 "backends": {b: {"teacher_p50_ms": v["teacher"]["p50_ms"], "student_p50_ms": v["student"]["p50_ms"],
                                  "speedup": v["speedup"], "runs": v["teacher"]["runs"]} for b, v in e2e["backends"].items()}}
+    if sparsity:
+        report["sparsity"] = {k: sparsity[k] for k in ("method", "layers", "masked_weights", "zeroed_weights", "share_of_params")}
+        if distill and "sparsity" in distill:
+            report["sparsity"]["recovery"] = distill["sparsity"]
+        checks = {role: v["sparsity"] for role, v in (export or {}).items() if "sparsity" in v}
+        if checks:
+            report["sparsity"]["onnx"] = {role: {k: c[k] for k in ("layers", "compliant", "passed")} for role, c in checks.items()}
+        if bench and "semi_structured" in bench:
+            report["sparsity"]["torch_cuda"] = {k: bench["semi_structured"][k] for k in ("backend", "dtype", "converted", "skipped")}
     if distill:
         last = distill["losses"][-min(50, len(distill["losses"])):]
         report["distill"] = {"steps": distill["config"]["steps"],

@@ -63,6 +63,19 @@ def render(report: dict) -> str:
     if "macs_ratio" in report:
         lines.append(f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
                      f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}.")
+    if "sparsity" in report:
+        sp = report["sparsity"]
+        line = (f"2:4 sparsity ({sp['method']}): {sp['layers']} layers, {sp['share_of_params']:.1%} of the student's weights "
+                f"under a mask, {sp['zeroed_weights'] / 1e6:.2f}M zeroed")
+        if "recovery" in sp:
+            rec = sp["recovery"]
+            line += f"; kept through recovery ({rec['mask_mode']}, {rec['mask_bits_changed']:.2%} of mask bits changed)"
+        for role, c in sp.get("onnx", {}).items():
+            line += f"; {role} ONNX: {c['compliant']} of {c['layers']} masked weights 2:4"
+        if "torch_cuda" in sp:
+            cuda = sp["torch_cuda"]
+            line += f"; torch-cuda ran {cuda['converted']} layers on {cuda['backend']} ({cuda['dtype']})"
+        lines.append(line + ".")
     if "distill" in report:
         lines.append(f"Recovery: {report['distill']['steps']} steps, final loss {report['distill']['final_loss']:.4f}.")
     if report.get("eval", {}).get("skipped"):

@@ -37,7 +37,11 @@ class TorchBackend:
                  compile_mode: str = "default"):
         self.name = f"torch-{device.split(':')[0]}"
         self.device, self.dtype = device, dtype
-        self.model = tensor_view(model).to(device=device, dtype=dtype).eval()
+        self.model = tensor_view(model).eval()
+        # A model already in place is left alone: semi-structured (2:4) weights cannot be moved or cast
+        if any(p.device.type != torch.device(device).type or (p.is_floating_point() and p.dtype != dtype)
+               for p in self.model.parameters()):
+            self.model = self.model.to(device=device, dtype=dtype)
         self.forward = torch.compile(self.model, mode=compile_mode) if compile else self.model
 
     @torch.no_grad()

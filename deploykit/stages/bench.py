@@ -1,7 +1,9 @@
 """bench: teacher and student latency per backend, interleaved in one run on the same inputs.
 
 Per UNet call at the recipe's batch (SD: batch 2, the two halves of classifier-free guidance), and
-for SD pipelines optionally end to end: text encoding, N steps, VAE decode.
+for SD pipelines optionally end to end: text encoding, N steps, VAE decode. On torch-cuda a 2:4
+student runs its masked layers on cuSPARSELt (``semi_structured``); CPU backends have no 2:4
+kernels and run the same zeros densely.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import count_macs, count_params, load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, cpu_threads
+from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
 
@@ -43,12 +46,29 @@ def _check_device(name: str) -> None:
                              "(install onnxruntime-gpu)")
 
 
-def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool) -> list:
+def _semi_structured_student(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+    """The 2:4 student with its masked layers on cuSPARSELt (a copy: the torch-cpu and ONNX runs keep the dense one)."""
+    import copy
+
+    from deploykit.sparsity import load_masks, to_semi_structured
+
+    masks = load_masks(ctx.inputs["student"] / "model" / MASKS_FILE)
+    sparse = copy.deepcopy(model)
+    plan = to_semi_structured(sparse, dtype, names=list(masks))
+    ctx.console.print(f"  torch-cuda: {len(plan.convert)} of {len(masks)} 2:4 layers on cuSPARSELt ({plan.dtype})")
+    return sparse, plan.as_dict()
+
+
+def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool, result: dict) -> list:
     cfg = ctx.config
     if name.startswith("torch-"):
         device = "cuda" if name == "torch-cuda" else "cpu"
         dtype = torch.float16 if fp16 else torch.float32
-        return [TorchBackend(models[r], device, dtype, compile=cfg.compile) for r in ROLES]
+        student = models["student"]
+        if name == "torch-cuda" and cfg.semi_structured and (ctx.inputs["student"] / "model" / MASKS_FILE).is_file():
+            student, result["semi_structured"] = _semi_structured_student(ctx, student, dtype)
+        return [TorchBackend(models["teacher"], device, dtype, compile=cfg.compile),
+                TorchBackend(student, device, dtype, compile=cfg.compile)]
     providers = ["CUDAExecutionProvider"] if name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
     return [OnnxRuntimeBackend(_onnx_dir(ctx, r, fp16) / "unet" / "model.onnx", providers) for r in ROLES]
 
@@ -108,7 +128,7 @@ def run(ctx: StageContext) -> dict:
     if pipeline:
         result["resolution"] = meta["resolution"]
     for name in cfg.backends:
-        teacher, student = _step_backends(name, ctx, models, fp16)
+        teacher, student = _step_backends(name, ctx, models, fp16, result)
         with ctx.progress(f"{name} teacher vs student", cfg.runs) as advance:
             pair = measure_pair(lambda: teacher(*inputs), lambda: student(*inputs), cfg.warmup, cfg.runs, advance)
         del teacher, student

@@ -2,7 +2,8 @@
 
 Pixel UNets export alone (``<role>/unet/model.onnx``); SD / SDXL UNets export with their whole
 pipeline in optimum's layout (``<role>/{text_encoder,unet,vae_decoder,...}``), fp32 always (what CPU
-backends run) and fp16 beside it (``<role>-fp16/``) when the recipe asks.
+backends run) and fp16 beside it (``<role>-fp16/``) when the recipe asks. A 2:4 student's masked
+weights are looked up in each of its UNet graphs and checked to be 2:4 there too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from deploykit.export import compare_with_torch, export_pipeline, export_unet
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.models.inputs import unet_input_names
+from deploykit.sparsity import MASKS_FILE, load_masks
+from deploykit.sparsity.onnx_check import check_onnx_2to4
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
 
@@ -63,6 +66,14 @@ def run(ctx: StageContext) -> dict:
                              "files": files, "check": result}
             ctx.console.print(f"  {name}: ONNX Runtime vs torch max |diff| {result['max_abs_error']:.2e} "
                               f"({'ok' if result['passed'] else 'FAILED'} at atol {tol['atol']:g}, rtol {tol['rtol']:g})")
+            masks_path = ctx.inputs[role] / "model" / MASKS_FILE
+            if masks_path.is_file():
+                weights = {n: model.get_submodule(n).weight for n in load_masks(masks_path, check=False)}
+                sparsity = check_onnx_2to4(path, weights)
+                results[name]["sparsity"] = {**sparsity.as_dict(), "path": results[name]["path"]}
+                ctx.console.print(f"  {name}: {sparsity.compliant} of {sparsity.layers} masked weights 2:4 in the graph")
+                if not sparsity.passed:
+                    raise DeployKitError(f"2:4 lost in export: {sparsity.message()}")
     atomic_write_json(ctx.out / "export.json", results)
     failed = [r for r, v in results.items() if not v["check"]["passed"]]
     if failed:

@@ -57,4 +57,5 @@ def run(ctx: StageContext) -> dict:
     return {"macs_ratio": result.macs_ratio}
 
 
-PRUNE = StageSpec(name="prune", version="2", reads=("teacher",), writes={"student": ".", "pruned": "."}, run=run)
+PRUNE = StageSpec(name="prune", version="2", reads=("teacher",), writes={"student": ".", "pruned": ".", "prune": "."},
+                  run=run)
