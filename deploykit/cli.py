@@ -102,6 +102,27 @@ def _cmd_zoo_train(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from deploykit.serve import ServeConfig, run_server
+
+    try:
+        config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                             timeout_s=args.timeout_s, max_steps=args.max_steps, max_side=args.max_side,
+                             max_images=args.max_images, warmup=not args.no_warmup)
+    except ValueError as e:
+        raise InputError(f"serve: {e}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]serving on {args.host}: reachable from other machines; the server has no "
+                      "authentication[/]")
+
+    def loaded(pipeline) -> None:
+        console.print(f"[green]serving {pipeline.root}[/] ({pipeline.kind}, backend {pipeline.backend}) on "
+                      f"http://{args.host}:{args.port}  (POST /generate, GET /health, GET /metrics)")
+
+    run_server(args.artifact, args.host, args.port, args.backend, config, on_loaded=loaded)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deploykit", description="Prune, recover, export and benchmark diffusion models.")
     parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
@@ -118,6 +139,23 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact and verify every hash")
     p.add_argument("artifact")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("serve", help="serve an artifact over HTTP (generate, health, metrics)")
+    p.add_argument("artifact", help="artifact folder made by `deploykit build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", help="tensorrt, onnxruntime-cuda, torch-cuda, onnxruntime-cpu or torch-cpu "
+                                     "(default: the first of these this machine and the artifact have)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per model call; 1 turns batching off (default 4)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a request may wait for others to join its batch (default 10)")
+    p.add_argument("--queue-size", type=int, default=16, help="waiting requests before 503 (default 16)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per request, queueing included (default 60)")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-side", type=int, default=1024, help="largest height or width in pixels (default 1024)")
+    p.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before serving")
+    p.set_defaults(func=_cmd_serve)
 
     recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
     p = recipe.add_parser("schema", help="print the recipe JSON schema")

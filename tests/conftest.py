@@ -87,3 +87,67 @@ def built_artifact(tmp_path_factory, zoo_dir) -> tuple[Path, Path, dict]:
     result = run_cli("build", str(recipe), "--out", str(folder / "out"), env=env)
     assert result.returncode == 0, result.stderr
     return folder / "out", recipe, env
+
+
+# Serving: the smallest artifacts that have everything the runtime loads (model/, onnx/, the stage cache).
+SERVE_ZOO_RECIPE = """\
+name: serve-zoo
+teacher: zoo:digits
+seed: 0
+stages:
+  - stage: prune
+    macs_target: 0.5
+  - stage: export
+    check_batch: 2
+"""
+
+SERVE_SD_RECIPE = """\
+name: serve-sd
+teacher: random:tiny-sd
+resolution: 32
+seed: 0
+stages:
+  - stage: prune
+    macs_target: 0.5
+    round_to: 4
+  - stage: export
+    check_batch: 2
+"""
+
+
+def _build_quietly(folder: Path, recipe_text: str) -> Path:
+    from rich.console import Console
+
+    from deploykit.recipe import load_recipe
+    from deploykit.runner import build
+
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    build(load_recipe(recipe), recipe, folder / "out", Console(stderr=True, quiet=True))
+    return folder / "out"
+
+
+@pytest.fixture(scope="session")
+def zoo_serve_artifact(tmp_path_factory) -> Path:
+    """The shipped zoo:digits teacher, pruned and exported (about 25 s on 2 cores)."""
+    return _build_quietly(tmp_path_factory.mktemp("serve-zoo"), SERVE_ZOO_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def sd_serve_artifact(tmp_path_factory) -> Path:
+    """A tiny random-weights SD pipeline, pruned and exported whole (about a minute on 2 cores)."""
+    return _build_quietly(tmp_path_factory.mktemp("serve-sd"), SERVE_SD_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def zoo_pipeline(zoo_serve_artifact):
+    from deploykit.runtime import Pipeline
+
+    return Pipeline.from_artifact(zoo_serve_artifact)
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline(sd_serve_artifact):
+    from deploykit.runtime import Pipeline
+
+    return Pipeline.from_artifact(sd_serve_artifact)

@@ -19,8 +19,12 @@ def _scheduler_class(name: str):
 
 
 def make_pipeline_scheduler(name: str, pipeline_config: dict):
-    """The named scheduler, configured from an SD pipeline's own scheduler config (betas, offsets)."""
-    return _scheduler_class(name).from_config(pipeline_config)
+    """The named scheduler, configured from an SD pipeline's own scheduler config (betas, offsets).
+
+    Where the config is silent (an Euler config has no ``clip_sample``), DDIM's defaults are those of
+    latent diffusion, not DDIM's own: clipping the predicted x0 to [-1, 1] would clip SD latents.
+    """
+    return _scheduler_class(name).from_config({"clip_sample": False, "set_alpha_to_one": False, **pipeline_config})
 
 
 def make_scheduler(name: str, train_config: dict):
