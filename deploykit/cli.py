@@ -1,4 +1,4 @@
-"""The command line: parses, prints, maps errors to exit codes (2 bad input, 1 internal failure)."""
+"""The command line: parses, prints, maps errors to exit codes (2 bad input, 3 quality gate failed, 1 internal failure)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploykit import __version__
-from deploykit.errors import DeployKitError, InputError
+from deploykit.errors import DeployKitError, InputError, QualityGateError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/] {e}", highlight=False)
         return 2
+    except QualityGateError as e:
+        if debug:
+            raise
+        console.print(f"[red]quality gate failed:[/] {e}", highlight=False)
+        return 3
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; run the same command again to resume[/]")
         return 130

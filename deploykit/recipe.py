@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deploykit.errors import InputError
 from deploykit.prune.core import DEFAULT_IGNORED
+from deploykit.quantize.exclude import DEFAULT_EXCLUDE as QUANTIZE_EXCLUDE
 from deploykit.sparsity.masks import DEFAULT_EXCLUDE, DEFAULT_MIN_FEATURES
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
@@ -94,6 +95,70 @@ class ExportStage(_Strict):
     check_batch: int = Field(4, ge=1, le=256)
 
 
+class QualityLoss(_Strict):
+    """The largest quality loss INT8 may cost, each metric in its own "worse" direction, measured by the
+    eval stage as INT8 student against fp32 student on the same noise / prompts and seeds."""
+
+    fid: float | None = Field(None, ge=0, description="largest FID increase (zoo teachers)")
+    psnr_vs_teacher: float | None = Field(None, ge=0, description="largest drop of PSNR against the teacher, in dB")
+    ssim_vs_teacher: float | None = Field(None, ge=0, le=2, description="largest drop of SSIM against the teacher")
+
+    @model_validator(mode="after")
+    def _some_metric(self):
+        if self.fid is None and self.psnr_vs_teacher is None and self.ssim_vs_teacher is None:
+            raise ValueError("name at least one of fid, psnr_vs_teacher, ssim_vs_teacher")
+        return self
+
+    def limits(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class QuantizeStage(_Strict):
+    """INT8 post-training quantization of the exported teacher and student UNets, calibrated on the teacher's
+    own sampling trajectories (noise for pixel UNets, prompts for Stable Diffusion).
+
+    ``backend: onnxruntime`` (the CPU path): ONNX Runtime static quantization into a QDQ graph, per-channel
+    weights. ``backend: modelopt`` (the TensorRT path): modelopt INT8 SmoothQuant for linear layers and
+    percentile calibration for convolutions, exported as a QDQ graph TensorRT builds INT8 engines from
+    (needs ``pip install 'deploykit[modelopt]'``). Both write ``<role>/unet/model.onnx``; the bench times
+    them on onnxruntime-cpu beside the fp32 graphs.
+    """
+
+    stage: Literal["quantize"] = "quantize"
+    backend: Literal["onnxruntime", "modelopt"] = "onnxruntime"
+    teacher: bool = Field(True, description="also quantize the teacher, so INT8 and fp32 are compared for both")
+    calibration_samples: int = Field(64, ge=1, le=100_000,
+                                     description="teacher trajectories to record: noise samples (pixel UNets) or "
+                                                 "prompts (SD, cycled over calibration_prompts)")
+    calibration_steps: int = Field(10, ge=1, le=1000, description="sampling steps per trajectory; every UNet call is "
+                                                                  "one calibration batch")
+    calibration_prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1,
+                                           description="SD teachers: calibration prompts (kept apart from eval's)")
+    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
+    exclude: list[str] = Field(default_factory=lambda: list(QUANTIZE_EXCLUDE),
+                               description="fnmatch globs of UNet module names that stay float (default: "
+                                           f"{', '.join(QUANTIZE_EXCLUDE)}: NVIDIA's diffusers exclusions)")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="onnxruntime: activation ranges from the min / max, a percentile, or entropy")
+    activations: Literal["uint8", "int8"] = Field("uint8", description="onnxruntime: activation type (uint8: asymmetric)")
+    reduce_range: bool = Field(False, description="onnxruntime: 7-bit weights (x86 CPUs without VNNI can saturate)")
+    alpha: float = Field(0.8, ge=0, le=1, description="modelopt: SmoothQuant migration strength")
+    conv_calibration: Literal["percentile", "max"] = Field("percentile", description="modelopt: convolution input ranges")
+    percentile: float = Field(99.99, gt=50, le=100, description="percentile of |x| for percentile calibration")
+    max_quality_loss: QualityLoss | None = Field(
+        None, description="fail the build (exit code 3) when the INT8 student loses more than this against the fp32 "
+                          "student; needs an eval stage")
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("exclude patterns must be non-empty")
+        return v
+
+
 class EndToEnd(_Strict):
     """A whole generation: text encoding, ``steps`` UNet steps with classifier-free guidance, VAE decode."""
 
@@ -144,13 +209,17 @@ class EvalStage(_Strict):
     grid_samples: int = Field(32, ge=1, le=256)
 
 
-Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, BenchStage, EvalStage], Field(discriminator="stage")]
+Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, QuantizeStage, BenchStage, EvalStage],
+                  Field(discriminator="stage")]
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset")
+CALIBRATION_PROMPTS = ("a cat sitting on a windowsill, morning light", "a city street at night in the rain",
+                       "a watercolor painting of mountains and a lake", "a close-up photo of a sunflower",
+                       "an old wooden boat on a beach", "a plate of pancakes with berries")
 
 # A stage may only come after the stages it reads from.
-_ORDER = ["prune", "sparsify", "distill", "export", "bench", "eval"]
+_ORDER = ["prune", "sparsify", "distill", "export", "quantize", "bench", "eval"]
 
 
 class Recipe(_Strict):
@@ -173,7 +242,9 @@ class Recipe(_Strict):
             raise ValueError(f"a stage appears twice: {names}")
         if names != sorted(names, key=_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(n for n in _ORDER if n in names)}")
-        needs_student = [n for n in names if n in ("distill", "export", "bench", "eval")]
+        if "quantize" in names and "export" not in names:
+            raise ValueError("quantize works on the exported ONNX graphs: add an export stage before it")
+        needs_student = [n for n in names if n in ("distill", "export", "quantize", "bench", "eval")]
         if needs_student and "prune" not in names and "sparsify" not in names:
             raise ValueError(f"{needs_student[0]} works on a student: add a prune or sparsify stage before it")
         return stages
@@ -187,6 +258,9 @@ class Recipe(_Strict):
                 raise ValueError(f"stages: bench backend {wrong[0]} does not run on target {self.target}")
             if bench.precision == "fp16" and self.target == "cpu":
                 raise ValueError("stages: bench precision fp16 needs target cuda")
+        quantize = self.stage("quantize")
+        if quantize is not None and quantize.max_quality_loss is not None and self.stage("eval") is None:
+            raise ValueError("stages: quantize.max_quality_loss is checked on the eval stage's figures: add an eval stage")
         return self
 
     def stage(self, name: str):

@@ -74,6 +74,17 @@ class Runner:
 
     def _check_stages_fit_teacher(self, kind: str) -> None:
         where = f"{self.recipe_path}: stages"
+        quantize = self.recipe.stage("quantize")
+        if quantize is not None and quantize.backend == "modelopt":
+            from deploykit.quantize.modelopt_int8 import INSTALL_HINT, modelopt_available
+
+            if not modelopt_available():
+                raise InputError(f"{where}: quantize.backend modelopt needs nvidia-modelopt, which is not installed: "
+                                 f"{INSTALL_HINT}; or use backend onnxruntime")
+        if kind == "pipeline" and quantize is not None and quantize.max_quality_loss is not None \
+                and quantize.max_quality_loss.fid is not None:
+            raise InputError(f"{where}: quantize.max_quality_loss.fid: FID is not measured for Stable Diffusion pipelines; "
+                             "use psnr_vs_teacher / ssim_vs_teacher")
         if kind == "pipeline":
             if self.recipe.stage("distill") is not None:
                 raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "
@@ -95,6 +106,7 @@ class Runner:
             raise InputError(f"stage {name} needs {', '.join(missing)} from an earlier stage")
         inputs = {r: roles[r] for r in spec.reads + spec.optional_reads if r in roles}
         config_dict = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+        config_dict = {k: v for k, v in config_dict.items() if k not in spec.key_ignores}
         input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()}
         if name == "teacher":
             input_digests["source"] = teacher_source
@@ -139,18 +151,26 @@ class Runner:
         return summary, digest
 
     def _finalize(self, records: list[StageRecord], roles: dict) -> dict:
-        from deploykit.report import write_outputs
+        from deploykit.report import assemble, check_quality_gate, write_outputs
 
         stages = [{"name": r.name, "key": r.key, "dir": r.dir, "digest": r.digest} for r in records]
+        folders = {r: p for r, (p, _) in roles.items()}
+        report = assemble(self.recipe, folders)
+        # before anything is written: a build that fails its quality gate leaves the artifact as it was
+        gate = check_quality_gate(report)
+        if gate:
+            self.console.print(f"[green]{gate}[/]")
         if self.artifact.manifest_path.is_file() and all(r.reused for r in records):
             try:
                 previous = self.artifact.read_manifest()
-                if previous.get("stages") == stages and not self.artifact.verify():
+                current = json.loads((self.artifact.root / "report.json").read_text())
+                if (previous.get("stages") == stages and current == json.loads(json.dumps(report))
+                        and not self.artifact.verify()):
                     self.console.print(f"[green]{self.artifact.root}: up to date, nothing to do[/]")
-                    return json.loads((self.artifact.root / "report.json").read_text())
+                    return current
             except (InputError, OSError, json.JSONDecodeError):
                 pass
-        report = write_outputs(self.artifact.root, self.recipe, {r: p for r, (p, _) in roles.items()})
+        write_outputs(self.artifact.root, self.recipe, folders, report=report)
         self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages)
         return report
 

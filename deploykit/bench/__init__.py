@@ -1,5 +1,5 @@
 """Latency measurement."""
 
-from deploykit.bench.latency import Latency, PairedLatency, measure_group, measure_pair
+from deploykit.bench.latency import Latency, PairedLatency, measure_group, measure_group_against, measure_pair
 
-__all__ = ["Latency", "PairedLatency", "measure_group", "measure_pair"]
+__all__ = ["Latency", "PairedLatency", "measure_group", "measure_group_against", "measure_pair"]

@@ -66,13 +66,8 @@ def measure_pair(teacher: Callable[[], object], student: Callable[[], object], w
     return PairedLatency(t, s, t.p50_ms / s.p50_ms, pair)
 
 
-def measure_group(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Latency]:
-    """Time several models round-robin in one window; each round starts one model later.
-
-    The pairwise version of this is :func:`measure_pair`; here any number of variants (dense,
-    pruned to 50%, pruned to 30%, ...) share the same drift.
-    """
+def _group_times(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
+                 progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -84,4 +79,23 @@ def measure_group(calls: dict[str, Callable[[], object]], warmup: int, runs: int
             times[name].append(_time_call(calls[name]))
         if progress:
             progress(1)
-    return {name: Latency.from_seconds(t) for name, t in times.items()}
+    return times
+
+
+def measure_group(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Latency]:
+    """Time several models round-robin in one window; each round starts one model later.
+
+    The pairwise version of this is :func:`measure_pair`; here any number of variants (dense,
+    pruned to 50%, pruned to 30%, ...) share the same drift.
+    """
+    return {name: Latency.from_seconds(t) for name, t in _group_times(calls, warmup, runs, progress).items()}
+
+
+def measure_group_against(calls: dict[str, Callable[[], object]], reference: str, warmup: int, runs: int,
+                          progress: Callable[[int], None] | None = None) -> tuple[dict[str, Latency], dict[str, float]]:
+    """:func:`measure_group`, plus for each model the median over rounds of ``reference`` time / its time
+    (the drift check :func:`measure_pair` reports as ``speedup_pair_median``)."""
+    times = _group_times(calls, warmup, runs, progress)
+    ratios = {name: statistics.median(a / b for a, b in zip(times[reference], t)) for name, t in times.items()}
+    return {name: Latency.from_seconds(t) for name, t in times.items()}, ratios

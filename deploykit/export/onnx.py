@@ -357,6 +357,11 @@ def _adapt_feed(feed: dict[str, np.ndarray], signature: dict, notes: set[str] | 
     return out
 
 
+def adapt_feed(feed: dict[str, np.ndarray], signature: dict) -> dict[str, np.ndarray]:
+    """``feed`` cast to the dtypes and ranks of a graph's inputs (``signature``: :func:`graph_signature`)."""
+    return _adapt_feed(feed, signature)
+
+
 def compare_runners(runners: list, inputs: list[dict[str, np.ndarray]], atol: float, rtol: float) -> dict:
     """Polygraphy comparison of two runners; the worst output (largest max |diff|) is named in ``message``.
 

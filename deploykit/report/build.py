@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from deploykit.artifact import OUTPUT_DIRS
+from deploykit.errors import QualityGateError
 from deploykit.io import atomic_write_json, atomic_write_text, make_temp_dir, replace_dir
 from deploykit.recipe import Recipe
 from deploykit.report.markdown import render
@@ -31,6 +32,7 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     export = _read(roles.get("onnx"), "export.json")
     bench = _read(roles.get("bench"), "bench.json")
     evaluation = _read(roles.get("eval"), "eval.json")
+    quantize = _read(roles.get("onnx_int8"), "quantize.json")
 
     has_student = "student" in roles
     entries = ["teacher"] + (["pruned"] if has_student and distill else []) + (["student"] if has_student else [])
@@ -87,13 +89,105 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     if evaluation:
         report["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference", "skipped")
                           if k in evaluation}
+    if quantize:
+        _add_int8(report, recipe, quantize, bench, evaluation)
     return report
 
 
-def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path]) -> dict:
+# the direction in which each metric gets worse: loss = (int8 - fp32) * sign
+_WORSE = {"fid": 1.0, "psnr_vs_teacher": -1.0, "ssim_vs_teacher": -1.0}
+
+
+def _add_int8(report: dict, recipe: Recipe, quantize: dict, bench: dict | None, evaluation: dict | None) -> None:
+    """``teacher-int8`` / ``student-int8`` entries, ``speedup_int8`` (INT8 student over the fp32 dense teacher,
+    same run) and ``int8`` (how it was quantized, what it cost in quality, the gate)."""
+    stage = recipe.stage("quantize")
+    quality = (evaluation or {}).get("quality", {})
+    for role, q in quantize["models"].items():
+        name = f"{role}-int8"
+        entry: dict = {k: report[role][k] for k in ("params", "macs") if k in report.get(role, {})}
+        if bench:
+            entry["latency"] = {b: {**{k: v for k, v in rec["int8"][name].items() if not k.startswith("speedup")},
+                                    "device": _device(bench, b)}
+                                for b, rec in bench["backends"].items() if name in rec.get("int8", {})}
+        entry["quality"] = quality.get(name, {})
+        entry["error_vs_fp32"] = q["error_vs_fp32"]
+        report[name] = entry
+    info: dict = {"backend": quantize["backend"], "calibration": quantize["calibration"],
+                  "models": {r: {k: v for k, v in q.items() if k in ("format", "per_channel", "calibration", "activations",
+                                                                      "layers", "qdq", "error_vs_fp32", "exclude", "recipe")}
+                             for r, q in quantize["models"].items()}}
+    if bench:
+        speedup = {}
+        for b, rec in bench["backends"].items():
+            if "student-int8" in rec.get("int8", {}):
+                v = rec["int8"]["student-int8"]
+                speedup[b] = v["speedup_vs_teacher"]
+                info.setdefault("speedup", {})[b] = {
+                    "student_int8_vs_teacher": v["speedup_vs_teacher"],
+                    "student_int8_vs_teacher_pair_median": v["speedup_vs_teacher_pair_median"],
+                    "student_int8_vs_student": rec["student"]["p50_ms"] / v["p50_ms"],
+                    **({"teacher_int8_vs_teacher": rec["int8"]["teacher-int8"]["speedup_vs_teacher"]}
+                       if "teacher-int8" in rec["int8"] else {})}
+        if speedup:
+            report["speedup_int8"] = speedup
+    if "student-int8" in quality:
+        fp32, int8 = quality.get("student", {}), quality["student-int8"]
+        info["quality_loss"] = {m: (int8[m] - fp32[m]) * _WORSE[m] for m in _WORSE if m in fp32 and m in int8}
+    limits = stage.max_quality_loss.limits() if stage and stage.max_quality_loss else {}
+    if limits:
+        info["max_quality_loss"] = limits
+        info["gate"] = _gate(limits, info.get("quality_loss"), evaluation)
+    report["int8"] = info
+
+
+def _gate(limits: dict, loss: dict | None, evaluation: dict | None) -> dict:
+    if evaluation is None:
+        return {"status": "not checked", "reason": "no eval stage"}
+    if evaluation.get("skipped"):
+        return {"status": "not checked", "reason": evaluation["skipped"]}
+    loss = loss or {}
+    missing = [m for m in limits if m not in loss]
+    if missing:
+        return {"status": "failed", "reason": f"{', '.join(missing)} not measured for the INT8 student "
+                                              "(FID needs a teacher with a known data set)"}
+    over = {m: loss[m] for m, limit in limits.items() if loss[m] > limit}
+    if over:
+        worst = ", ".join(f"{m} lost {loss[m]:.3g} (at most {limits[m]:g} accepted)" for m in over)
+        return {"status": "failed", "reason": f"INT8 student vs fp32 student: {worst}"}
+    return {"status": "passed", "reason": ", ".join(f"{m} lost {loss[m]:.3g} <= {limits[m]:g}" for m in limits)}
+
+
+def check_quality_gate(report: dict) -> str | None:
+    """Raise :class:`QualityGateError` when the recipe's ``quantize.max_quality_loss`` is exceeded; otherwise a
+    line saying how the gate went (None when there is no gate)."""
+    gate = report.get("int8", {}).get("gate")
+    if gate is None:
+        return None
+    if gate["status"] == "failed":
+        raise QualityGateError(f"{gate['reason']} (quantize.max_quality_loss in recipe {report['recipe']}); "
+                               "nothing was written: relax the limit, exclude more layers, or change the calibration")
+    return f"INT8 quality gate {gate['status']}: {gate['reason']}"
+
+
+def _int8_folder(roles: dict[str, Path], dest: Path) -> None:
+    """The INT8 student in the layout of ``onnx/``: for SD the student's fp32 pipeline with the INT8 UNet in place."""
+    int8 = roles["onnx_int8"] / "student" / "unet"
+    if not int8.is_dir():
+        return
+    pipeline = roles["onnx"] / "student"
+    if any(p.name != "unet" for p in pipeline.iterdir()):
+        shutil.copytree(pipeline, dest, dirs_exist_ok=True, ignore=lambda d, names: names if Path(d).name == "unet" else [])
+    shutil.copytree(int8, dest / "unet", dirs_exist_ok=True)
+    config = pipeline / "unet" / "config.json"
+    if config.is_file():
+        shutil.copyfile(config, dest / "unet" / "config.json")
+
+
+def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path], report: dict | None = None) -> dict:
     """Write every top-level output; each folder is built aside and swapped in whole."""
     root = Path(root)
-    report = assemble(recipe, roles)
+    report = assemble(recipe, roles) if report is None else report
     staged: dict[str, Path] = {}
     try:
         for name in OUTPUT_DIRS:
@@ -106,6 +200,8 @@ def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path]) -> dict:
             # the student in the recipe's export precision: fp16 when it was asked for
             fp16 = roles["onnx"] / "student-fp16"
             shutil.copytree(fp16 if fp16.is_dir() else roles["onnx"] / "student", staged["onnx"], dirs_exist_ok=True)
+        if "onnx_int8" in roles:
+            _int8_folder(roles, staged["onnx_int8"])
         if (bench := _read(roles.get("bench"), "bench.json")) is not None:
             latency_bars(staged["plots"] / "latency.png", bench)
         if (distill := _read(roles.get("student"), "distill.json")) is not None:

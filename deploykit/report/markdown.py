@@ -21,7 +21,7 @@ def _si(n: float | None) -> str:
 
 
 def render(report: dict) -> str:
-    roles = [r for r in ("teacher", "pruned", "student") if r in report]
+    roles = [r for r in ("teacher", "pruned", "student", "teacher-int8", "student-int8") if r in report]
     backends = list(report.get("speedup", {}))
     metrics = sorted({m for r in roles for m in report[r].get("quality", {})})
     lines = [f"# deploykit report: {report['recipe']}", ""]
@@ -53,6 +53,8 @@ def render(report: dict) -> str:
         for b in backends:
             lines.append(f"| {b} | **{report['speedup'][b]:.2f}x** | {report['speedup_pair_median'][b]:.2f}x |")
         lines.append("")
+    if "int8" in report:
+        lines += _int8_lines(report)
     if "end_to_end" in report:
         e = report["end_to_end"]
         lines += [f"End to end (text encoding, {e['steps']} steps at guidance {e['guidance_scale']}, VAE decode; one image):", "",
@@ -100,3 +102,29 @@ def render(report: dict) -> str:
     if "eval" in report and not report["eval"].get("skipped"):
         lines += ["![samples](samples/teacher_vs_student.png)", ""]
     return "\n".join(lines)
+
+
+def _int8_lines(report: dict) -> list[str]:
+    q = report["int8"]
+    cal = q["calibration"]
+    lines = []
+    for b, v in q.get("speedup", {}).items():
+        lines.append(f"INT8 ({b}, same run as the fp32 models): student-int8 **{v['student_int8_vs_teacher']:.2f}x** over the "
+                     f"fp32 dense teacher (median of per-round ratios {v['student_int8_vs_teacher_pair_median']:.2f}x), "
+                     f"{v['student_int8_vs_student']:.2f}x over the fp32 student"
+                     + (f"; teacher-int8 {v['teacher_int8_vs_teacher']:.2f}x over the fp32 teacher"
+                        if "teacher_int8_vs_teacher" in v else "")
+                     + ".")
+    model = q["models"].get("student", {})
+    layers = model.get("layers", {})
+    lines.append(f"Quantized with `{q['backend']}` (QDQ, {'per-channel' if model.get('per_channel', True) else 'per-tensor'} weights; "
+                 f"student: {layers.get('int8', '?')} layers INT8, {layers.get('float', '?')} float, output SNR vs fp32 "
+                 f"{model.get('error_vs_fp32', {}).get('snr_db', float('nan')):.1f} dB), calibrated on {cal['batches']} UNet calls "
+                 f"of the teacher's own sampling ({cal['source']}, {cal['steps']} {cal['scheduler']} steps).")
+    if "quality_loss" in q:
+        lines.append("Quality lost to INT8 (student-int8 against the fp32 student; positive is worse): "
+                     + ", ".join(f"{m} {v:+.3f}" for m, v in q["quality_loss"].items()) + ".")
+    if "gate" in q:
+        limits = ", ".join(f"{m} {v:g}" for m, v in q["max_quality_loss"].items())
+        lines.append(f"Quality gate (largest loss accepted: {limits}): **{q['gate']['status']}** ({q['gate']['reason']}).")
+    return lines + [""]

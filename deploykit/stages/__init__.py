@@ -6,9 +6,10 @@ from deploykit.stages.distill import DISTILL
 from deploykit.stages.eval import EVAL
 from deploykit.stages.export import EXPORT
 from deploykit.stages.prune import PRUNE
+from deploykit.stages.quantize import QUANTIZE
 from deploykit.stages.sparsify import SPARSIFY
 from deploykit.stages.teacher import TEACHER
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, BENCH, EVAL)}
+STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, BENCH, EVAL)}
 
 __all__ = ["STAGES", "StageContext", "StageSpec"]

@@ -45,7 +45,8 @@ class StageContext:
 class StageSpec:
     """A stage: reads roles, writes roles (each a subfolder of its output), and how to run it.
 
-    ``version`` is part of the cache key: bump it when the stage's outputs change meaning.
+    ``version`` is part of the cache key: bump it when the stage's outputs change meaning. ``key_ignores``
+    names config fields left out of the key (settings checked after the stage, such as a quality gate).
     """
 
     name: str
@@ -54,3 +55,4 @@ class StageSpec:
     writes: dict[str, str]
     run: Callable[[StageContext], dict]
     optional_reads: tuple[str, ...] = field(default_factory=tuple)
+    key_ignores: tuple[str, ...] = field(default_factory=tuple)  # config fields that do not change the outputs

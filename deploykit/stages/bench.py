@@ -4,6 +4,10 @@ Per UNet call at the recipe's batch (SD: batch 2, the two halves of classifier-f
 for SD pipelines optionally end to end: text encoding, N steps, VAE decode. On torch-cuda a 2:4
 student runs its masked layers on cuSPARSELt (``semi_structured``); CPU backends have no 2:4
 kernels and run the same zeros densely.
+
+When a quantize stage ran, ``onnxruntime-cpu`` times the INT8 graphs (``teacher-int8``,
+``student-int8``) round-robin with the fp32 teacher and student in the same window; their speedups are
+taken against the fp32 dense teacher.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from deploykit.bench import measure_pair
+from deploykit.bench import measure_group_against, measure_pair
 from deploykit.bench.machine import device_info
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
@@ -102,6 +106,28 @@ def _end_to_end_callables(name: str, ctx: StageContext, models: dict, meta: dict
     return [generate(p) for p in pipes]
 
 
+def _int8_graphs(ctx: StageContext) -> dict[str, object]:
+    if "onnx_int8" not in ctx.inputs:
+        return {}
+    paths = {f"{r}-int8": ctx.inputs["onnx_int8"] / r / "unet" / "model.onnx" for r in ROLES}
+    return {name: p for name, p in paths.items() if p.is_file()}
+
+
+def _group_record(ctx: StageContext, name: str, teacher, student, int8: dict, inputs) -> dict:
+    """fp32 teacher and student and the INT8 graphs, round-robin in one window."""
+    cfg = ctx.config
+    calls = {"teacher": lambda: teacher(*inputs), "student": lambda: student(*inputs)}
+    backends = {k: OnnxRuntimeBackend(p) for k, p in int8.items()}
+    calls.update({k: (lambda b=b: b(*inputs)) for k, b in backends.items()})
+    with ctx.progress(f"{name} teacher vs student, fp32 and INT8", cfg.runs) as advance:
+        latency, ratios = measure_group_against(calls, "teacher", cfg.warmup, cfg.runs, advance)
+    t = latency["teacher"].p50_ms
+    return {"teacher": latency["teacher"].__dict__, "student": latency["student"].__dict__,
+            "speedup": t / latency["student"].p50_ms, "speedup_pair_median": ratios["student"],
+            "int8": {k: {**latency[k].__dict__, "speedup_vs_teacher": t / latency[k].p50_ms,
+                         "speedup_vs_teacher_pair_median": ratios[k]} for k in backends}}
+
+
 def _pair_record(pair) -> dict:
     return {"teacher": pair.teacher.__dict__, "student": pair.student.__dict__,
             "speedup": pair.speedup, "speedup_pair_median": pair.speedup_pair_median}
@@ -127,14 +153,22 @@ def run(ctx: StageContext) -> dict:
     }
     if pipeline:
         result["resolution"] = meta["resolution"]
+    int8 = _int8_graphs(ctx)
     for name in cfg.backends:
         teacher, student = _step_backends(name, ctx, models, fp16, result)
-        with ctx.progress(f"{name} teacher vs student", cfg.runs) as advance:
-            pair = measure_pair(lambda: teacher(*inputs), lambda: student(*inputs), cfg.warmup, cfg.runs, advance)
+        if name == "onnxruntime-cpu" and int8:
+            record = _group_record(ctx, name, teacher, student, int8, inputs)
+        else:
+            with ctx.progress(f"{name} teacher vs student", cfg.runs) as advance:
+                pair = measure_pair(lambda: teacher(*inputs), lambda: student(*inputs), cfg.warmup, cfg.runs, advance)
+            record = _pair_record(pair)
         del teacher, student
-        result["backends"][name] = _pair_record(pair)
-        ctx.console.print(f"  {name}: teacher p50 {pair.teacher.p50_ms:.1f} ms, student p50 {pair.student.p50_ms:.1f} ms "
-                          f"-> {pair.speedup:.2f}x (UNet call, batch {batch}, {cfg.precision})")
+        result["backends"][name] = record
+        ctx.console.print(f"  {name}: teacher p50 {record['teacher']['p50_ms']:.1f} ms, student p50 "
+                          f"{record['student']['p50_ms']:.1f} ms -> {record['speedup']:.2f}x (UNet call, batch {batch}, "
+                          f"{cfg.precision})")
+        for k, v in record.get("int8", {}).items():
+            ctx.console.print(f"  {name}: {k} p50 {v['p50_ms']:.1f} ms -> {v['speedup_vs_teacher']:.2f}x over the fp32 teacher")
     if cfg.end_to_end is not None:
         e2e = cfg.end_to_end
         result["end_to_end"] = {"steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "prompt": e2e.prompt,
@@ -151,5 +185,5 @@ def run(ctx: StageContext) -> dict:
     return {name: v["speedup"] for name, v in result["backends"].items()}
 
 
-BENCH = StageSpec(name="bench", version="2", reads=("teacher", "student"), optional_reads=("onnx",),
+BENCH = StageSpec(name="bench", version="2", reads=("teacher", "student"), optional_reads=("onnx", "onnx_int8"),
                   writes={"bench": "."}, run=run)

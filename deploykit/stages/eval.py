@@ -2,6 +2,9 @@
 
 SD pipelines have no data set here: their students are compared with the teacher image by image,
 the same prompt and seed through both. A random-weights teacher is not evaluated at all.
+
+When a quantize stage ran, the INT8 graphs (``teacher-int8``, ``student-int8``, run by ONNX Runtime)
+sample from the same noise / prompts and seeds and are scored the same way, against the fp32 teacher.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 from deploykit.eval import extract_features, feature_stats, fid, frechet_distance, psnr_ssim, save_comparison_grid
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
-from deploykit.runtime import TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
+from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import feature_extractor, is_pipeline, load_teacher_pipeline, teacher_meta, training_images
 
@@ -24,9 +27,22 @@ def _roles(ctx: StageContext) -> list[str]:
     return roles
 
 
+def _int8_roles(ctx: StageContext) -> dict:
+    """``teacher-int8`` / ``student-int8`` -> their INT8 ONNX UNet, where a quantize stage made them."""
+    if "onnx_int8" not in ctx.inputs:
+        return {}
+    paths = {f"{r}-int8": ctx.inputs["onnx_int8"] / r / "unet" / "model.onnx" for r in ("teacher", "student")}
+    return {r: p for r, p in paths.items() if p.is_file()}
+
+
 def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
     cfg = ctx.config
-    pipe = load_teacher_pipeline(ctx.inputs["teacher"], load_model(ctx.inputs[role] / "model"))
+    model = load_model(ctx.inputs[role.removesuffix("-int8")] / "model")
+    if role.endswith("-int8"):
+        from deploykit.runtime.onnx_unet import with_onnx_forward
+
+        model = with_onnx_forward(_int8_roles(ctx)[role], model)
+    pipe = load_teacher_pipeline(ctx.inputs["teacher"], model)
     pipe.scheduler = make_pipeline_scheduler(cfg.scheduler, dict(pipe.scheduler.config))
     images = []
     with ctx.progress(f"generating with the {role}", cfg.num_samples) as advance:
@@ -41,7 +57,7 @@ def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
 
 def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
     cfg = ctx.config
-    roles = _roles(ctx)
+    roles = _roles(ctx) + list(_int8_roles(ctx))
     if meta.get("random_weights"):
         ctx.console.print("  [yellow]random weights: quality is not measured[/]")
         atomic_write_json(ctx.out / "eval.json", {"quality": {r: {} for r in roles}, "skipped": "random weights",
@@ -65,11 +81,12 @@ def run(ctx: StageContext) -> dict:
     meta = teacher_meta(ctx.inputs["teacher"])
     if is_pipeline(meta):
         return _run_pipeline(ctx, meta)
-    roles = _roles(ctx)
+    int8 = _int8_roles(ctx)
+    roles = _roles(ctx) + list(int8)
     noise = torch.randn(cfg.num_samples, *meta["sample_shape"], generator=torch.Generator().manual_seed(ctx.seed))
     samples = {}
     for role in roles:
-        backend = TorchBackend(load_model(ctx.inputs[role] / "model"))
+        backend = OnnxRuntimeBackend(int8[role]) if role in int8 else TorchBackend(load_model(ctx.inputs[role] / "model"))
         scheduler = make_scheduler(cfg.scheduler, meta["scheduler_config"])
         total = cfg.steps * ((cfg.num_samples + cfg.batch_size - 1) // cfg.batch_size)
         with ctx.progress(f"sampling {role}", total) as advance:
@@ -100,5 +117,5 @@ def run(ctx: StageContext) -> dict:
     return quality
 
 
-EVAL = StageSpec(name="eval", version="2", reads=("teacher", "student"), optional_reads=("pruned",),
+EVAL = StageSpec(name="eval", version="2", reads=("teacher", "student"), optional_reads=("pruned", "onnx_int8"),
                  writes={"eval": "."}, run=run)
