@@ -74,6 +74,18 @@ class Runner:
 
     def _check_stages_fit_teacher(self, kind: str) -> None:
         where = f"{self.recipe_path}: stages"
+        if self.recipe.stage("engine") is not None:
+            from deploykit.export.tensorrt import tensorrt_missing
+
+            reason = tensorrt_missing()
+            if reason is None:
+                import torch
+
+                if not torch.cuda.is_available():
+                    reason = "TensorRT builds engines on an NVIDIA GPU and torch sees no CUDA device"
+            if reason is not None:
+                raise InputError(f"{where}: the engine stage builds TensorRT engines here, and it cannot: {reason}; "
+                                 "or remove the engine stage")
         if kind == "pipeline":
             if self.recipe.stage("distill") is not None:
                 raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "

@@ -3,11 +3,13 @@
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.bench import BENCH
 from deploykit.stages.distill import DISTILL
+from deploykit.stages.engine import ENGINE
 from deploykit.stages.eval import EVAL
 from deploykit.stages.export import EXPORT
 from deploykit.stages.prune import PRUNE
 from deploykit.stages.teacher import TEACHER
+from deploykit.stages.verify import VERIFY
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, DISTILL, EXPORT, BENCH, EVAL)}
+STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, DISTILL, EXPORT, ENGINE, VERIFY, BENCH, EVAL)}
 
 __all__ = ["STAGES", "StageContext", "StageSpec"]
