@@ -29,7 +29,7 @@ MANIFEST = "manifest.json"
 STAGES = "stages"
 LOCK = ".lock"
 # Top-level outputs a build owns; replaced whole on each finalize.
-OUTPUT_DIRS = ("model", "onnx", "onnx_int8", "plots", "samples")
+OUTPUT_DIRS = ("model", "onnx", "onnx_int8", "engines", "plots", "samples")
 
 
 def list_files(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:

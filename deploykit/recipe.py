@@ -159,6 +159,48 @@ class QuantizeStage(_Strict):
         return v
 
 
+class EngineStage(_Strict):
+    """TensorRT engines of the teacher's and the student's UNet from the export stage's ONNX (needs TensorRT and a GPU).
+
+    Profiles default to the build's shapes: batch 1..B with B optimal (bench's batch, else 2 for SD and
+    32 otherwise) and the recipe's resolution fixed. ``int8`` needs an INT8 QDQ graph from a quantize
+    stage (role ``onnx_int8``); ``best`` uses it where present, fp16 otherwise.
+    """
+
+    stage: Literal["engine"] = "engine"
+    precision: Literal["fp16", "int8", "best"] = "fp16"
+    sparse_weights: Literal["auto", "on", "off"] = Field(
+        "auto", description="BuilderFlag.SPARSE_WEIGHTS: auto turns it on when the student carries 2:4 masks")
+    workspace_gb: float = Field(4.0, gt=0, le=1024)
+    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the optimization profile")
+    resolution: tuple[int, int, int] | None = Field(
+        None, description="min, opt, max image side in pixels (default: the recipe's resolution, fixed)")
+    timing_cache: bool = Field(True, description="reuse tactic timings across builds (engines/timing.cache)")
+    optimization_level: int = Field(3, ge=0, le=5)
+
+    @field_validator("batch", "resolution")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
+            raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
+        return v
+
+
+class VerifyStage(_Strict):
+    """torch vs ONNX Runtime (fp32, and the fp16 graph where exported) vs TensorRT engines, with polygraphy."""
+
+    stage: Literal["verify"] = "verify"
+    batches: int = Field(2, ge=1, le=100, description="input batches compared")
+    batch_size: int = Field(2, ge=1, le=256)
+    fp32_atol: float = Field(1e-4, gt=0)
+    fp32_rtol: float = Field(1e-3, gt=0)
+    fp16_atol: float = Field(5e-2, gt=0)
+    fp16_rtol: float = Field(5e-2, gt=0)
+    int8_atol: float = Field(2e-1, gt=0)
+    int8_rtol: float = Field(2e-1, gt=0)
+    check_sparsity: bool = Field(True, description="check that a masked student's weights are still 2:4")
+
+
 class EndToEnd(_Strict):
     """A whole generation: text encoding, ``steps`` UNet steps with classifier-free guidance, VAE decode."""
 
@@ -183,6 +225,8 @@ class BenchStage(_Strict):
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=3, le=100_000)
     end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
+    estimate: bool = Field(False, description="put a roofline estimate beside each measurement (deploykit.bench.roofline; "
+                                              "CPU peaks measured on the spot, GPU peaks from the data sheet)")
 
     @field_validator("backends")
     @classmethod
@@ -209,7 +253,8 @@ class EvalStage(_Strict):
     grid_samples: int = Field(32, ge=1, le=256)
 
 
-Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, QuantizeStage, BenchStage, EvalStage],
+Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, QuantizeStage, EngineStage, VerifyStage,
+                        BenchStage, EvalStage],
                   Field(discriminator="stage")]
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
@@ -219,7 +264,7 @@ CALIBRATION_PROMPTS = ("a cat sitting on a windowsill, morning light", "a city s
                        "an old wooden boat on a beach", "a plate of pancakes with berries")
 
 # A stage may only come after the stages it reads from.
-_ORDER = ["prune", "sparsify", "distill", "export", "quantize", "bench", "eval"]
+_ORDER = ["prune", "sparsify", "distill", "export", "quantize", "engine", "verify", "bench", "eval"]
 
 
 class Recipe(_Strict):
@@ -242,11 +287,12 @@ class Recipe(_Strict):
             raise ValueError(f"a stage appears twice: {names}")
         if names != sorted(names, key=_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(n for n in _ORDER if n in names)}")
-        if "quantize" in names and "export" not in names:
-            raise ValueError("quantize works on the exported ONNX graphs: add an export stage before it")
-        needs_student = [n for n in names if n in ("distill", "export", "quantize", "bench", "eval")]
+        needs_student = [n for n in names if n in ("distill", "export", "quantize", "engine", "verify", "bench", "eval")]
         if needs_student and "prune" not in names and "sparsify" not in names:
             raise ValueError(f"{needs_student[0]} works on a student: add a prune or sparsify stage before it")
+        needs_onnx = [n for n in names if n in ("quantize", "engine", "verify")]
+        if needs_onnx and "export" not in names:
+            raise ValueError(f"{needs_onnx[0]} works on the exported ONNX graphs: add an export stage before it")
         return stages
 
     @model_validator(mode="after")
@@ -261,6 +307,8 @@ class Recipe(_Strict):
         quantize = self.stage("quantize")
         if quantize is not None and quantize.max_quality_loss is not None and self.stage("eval") is None:
             raise ValueError("stages: quantize.max_quality_loss is checked on the eval stage's figures: add an eval stage")
+        if self.stage("engine") is not None and self.target == "cpu":
+            raise ValueError("stages: engine builds TensorRT engines, which run on target cuda, not cpu")
         return self
 
     def stage(self, name: str):

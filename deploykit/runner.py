@@ -85,6 +85,18 @@ class Runner:
                 and quantize.max_quality_loss.fid is not None:
             raise InputError(f"{where}: quantize.max_quality_loss.fid: FID is not measured for Stable Diffusion pipelines; "
                              "use psnr_vs_teacher / ssim_vs_teacher")
+        if self.recipe.stage("engine") is not None:
+            from deploykit.export.tensorrt import tensorrt_missing
+
+            reason = tensorrt_missing()
+            if reason is None:
+                import torch
+
+                if not torch.cuda.is_available():
+                    reason = "TensorRT builds engines on an NVIDIA GPU and torch sees no CUDA device"
+            if reason is not None:
+                raise InputError(f"{where}: the engine stage builds TensorRT engines here, and it cannot: {reason}; "
+                                 "or remove the engine stage")
         if kind == "pipeline":
             if self.recipe.stage("distill") is not None:
                 raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "

@@ -33,6 +33,8 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     bench = _read(roles.get("bench"), "bench.json")
     evaluation = _read(roles.get("eval"), "eval.json")
     quantize = _read(roles.get("onnx_int8"), "quantize.json")
+    engines = _read(roles.get("engines"), "engines.json")
+    verify = _read(roles.get("verify"), "verify.json")
 
     has_student = "student" in roles
     entries = ["teacher"] + (["pruned"] if has_student and distill else []) + (["student"] if has_student else [])
@@ -86,6 +88,20 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
                              "final_loss": sum(r["loss"] for r in last) / len(last)}
     if export:
         report["export"] = {role: v["check"] for role, v in export.items()}
+    if engines:
+        report["engines"] = {role: {k: v[k] for k in ("path", "precision", "gpu", "tensorrt", "flags", "seconds", "profiles")}
+                             | {"sparse_layers": {"eligible": len(v["sparse"].get("eligible", [])),
+                                                  "picked": len(v["sparse"].get("picked", [])),
+                                                  "lines": v["sparse"].get("lines", [])}}
+                             for role, v in engines.items()}
+    if verify:
+        report["verify"] = {"checks": {f"{role}/{name}": {k: c.get(k) for k in ("passed", "precision", "max_abs_error",
+                                                                                 "max_rel_error", "worst_output", "atol",
+                                                                                 "rtol", "message")}
+                                       for role, checks in verify["roles"].items() for name, c in checks.items()},
+                            "skipped": verify["skipped"]}
+    if bench and "estimate" in bench:
+        report["estimate"] = bench["estimate"]
     if evaluation:
         report["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference", "skipped")
                           if k in evaluation}
@@ -202,6 +218,8 @@ def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path], report: di
             shutil.copytree(fp16 if fp16.is_dir() else roles["onnx"] / "student", staged["onnx"], dirs_exist_ok=True)
         if "onnx_int8" in roles:
             _int8_folder(roles, staged["onnx_int8"])
+        if "engines" in roles and (roles["engines"] / "student").is_dir():
+            shutil.copytree(roles["engines"] / "student", staged["engines"], dirs_exist_ok=True)
         if (bench := _read(roles.get("bench"), "bench.json")) is not None:
             latency_bars(staged["plots"] / "latency.png", bench)
         if (distill := _read(roles.get("student"), "distill.json")) is not None:

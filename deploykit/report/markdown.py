@@ -62,6 +62,21 @@ def render(report: dict) -> str:
         for b, v in e["backends"].items():
             lines.append(f"| {b} | {v['teacher_p50_ms'] / 1e3:.2f} | {v['student_p50_ms'] / 1e3:.2f} | **{v['speedup']:.2f}x** |")
         lines.append("")
+    if report.get("estimate"):
+        lines += ["Roofline estimate beside measurement (deploykit.bench.roofline; sum over ops of max(FLOPs / peak, "
+                  "bytes / bandwidth)):", "",
+                  "| backend | model | estimate ms | measured p50 ms | measured / estimate | peaks |", "|---|---|---|---|---|---|"]
+        for b, e in report["estimate"].items():
+            if "skipped" in e:
+                lines.append(f"| {b} | – | – | – | – | skipped: {e['skipped']} |")
+                continue
+            d = e["device"]
+            peaks = f"{d['name']}: {max(d['matrix'].values()) / 1e9:.0f} GFLOP/s, {d['bandwidth'] / 1e9:.1f} GB/s"
+            for role in ("teacher", "student"):
+                r = e[role]
+                lines.append(f"| {b} | {role} | {r['ms']:.2f} | {r['measured_p50_ms']:.2f} | "
+                             f"{r['measured_over_estimate']:.2f}x | {peaks} |")
+        lines.append("")
     if "macs_ratio" in report:
         lines.append(f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
                      f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}.")
@@ -96,6 +111,20 @@ def render(report: dict) -> str:
     if "export" in report:
         checks = ", ".join(f"{r} max |diff| {c['max_abs_error']:.1e}" for r, c in report["export"].items())
         lines.append(f"ONNX vs torch (polygraphy, ONNX Runtime CPU): {checks}.")
+    if "engines" in report:
+        for role, e in report["engines"].items():
+            sparse = e["sparse_layers"]
+            ran = (f"; sparse: {sparse['picked']} of {sparse['eligible']} eligible layers ran sparse"
+                   if "SPARSE_WEIGHTS" in e["flags"] else "")
+            lines.append(f"TensorRT {e['tensorrt']} engine of the {role} on {e['gpu']}: `{e['path']}` ({e['precision']}, "
+                         f"flags {', '.join(e['flags']) or 'none'}, built in {e['seconds']:.0f} s{ran}).")
+    if "verify" in report:
+        v = report["verify"]
+        checks = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}"
+                           + (f" (max |diff| {c['max_abs_error']:.1e})" if c.get("max_abs_error") is not None else "")
+                           for k, c in v["checks"].items())
+        lines.append(f"Verify (polygraphy, torch as reference): {checks}."
+                     + (" Skipped: " + "; ".join(f"{k}: {r.split(';')[0]}" for k, r in v["skipped"].items()) + "." if v["skipped"] else ""))
     lines.append("")
     if "bench" in report:
         lines += ["![latency](plots/latency.png)", ""]

@@ -133,6 +133,36 @@ def _pair_record(pair) -> dict:
             "speedup": pair.speedup, "speedup_pair_median": pair.speedup_pair_median}
 
 
+def roofline_estimates(backends: dict, models: dict, inputs, precision: str, gpu: str | None) -> dict:
+    """Roofline estimate per backend beside its measurement (``bench.estimate``; deploykit.bench.roofline).
+
+    CPU backends: this CPU's peaks measured now (sgemm, memcpy), no per-op floor. CUDA backends: the
+    GPU's data-sheet peaks where the table has it, else skipped with the reason.
+    """
+    from deploykit.bench.roofline import device_for_gpu, device_record, estimate, measure_cpu, op_costs
+
+    costs = {role: op_costs(m, inputs) for role, m in models.items()}
+    devices: dict = {}
+    out: dict = {}
+    for name, measured in backends.items():
+        if name.endswith("cpu"):
+            device = devices.setdefault("cpu", measure_cpu(seconds=0.5))
+            launch, prec, scale = 0.0, "fp32", 1.0
+        else:
+            device = device_for_gpu(gpu or "")
+            if device is None:
+                out[name] = {"skipped": f"no peaks on record for GPU {gpu!r} (deploykit.bench.roofline.DEVICES)"}
+                continue
+            launch, prec, scale = None, precision, 0.5 if precision == "fp16" else 1.0
+        entry: dict = {"device": device_record(device)}
+        for role in ROLES:
+            est = estimate(costs[role], device, prec, launch_s=launch, bytes_scale=scale)
+            entry[role] = {**est, "measured_p50_ms": measured[role]["p50_ms"],
+                           "measured_over_estimate": measured[role]["p50_ms"] / est["ms"]}
+        out[name] = entry
+    return out
+
+
 def run(ctx: StageContext) -> dict:
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
@@ -169,6 +199,9 @@ def run(ctx: StageContext) -> dict:
                           f"{cfg.precision})")
         for k, v in record.get("int8", {}).items():
             ctx.console.print(f"  {name}: {k} p50 {v['p50_ms']:.1f} ms -> {v['speedup_vs_teacher']:.2f}x over the fp32 teacher")
+    if cfg.estimate:
+        result["estimate"] = roofline_estimates(result["backends"], models, inputs, cfg.precision,
+                                                result["device"].get("gpu"))
     if cfg.end_to_end is not None:
         e2e = cfg.end_to_end
         result["end_to_end"] = {"steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "prompt": e2e.prompt,

@@ -1,0 +1,108 @@
+"""engine: TensorRT engines of the teacher's and the student's UNet from the export stage's ONNX.
+
+Writes ``<role>/unet/<gpu>_trt<version>_<precision>[-sparse].engine`` per role, the build log beside
+each engine (``*.log``, kVERBOSE: TensorRT names there the layers eligible for sparse math and those it
+ran sparse), a shared ``timing.cache`` and ``engines.json``. Sources: the fp32 graph (``onnx``) with the
+FP16 flag; an INT8 QDQ graph (``onnx_int8``, from a quantize stage) for ``int8`` and, where present,
+``best``. SD pipelines: the UNet only (text encoder and VAE run in ONNX Runtime or torch).
+
+The runner refuses a recipe with this stage before writing anything when ``import tensorrt`` fails
+(:func:`deploykit.export.tensorrt.tensorrt_missing`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deploykit.errors import InputError
+from deploykit.export.onnx import graph_signature
+from deploykit.export.tensorrt import (
+    build_engine,
+    default_ranges,
+    engine_name,
+    gpu_name,
+    precision_flags,
+    profile_shapes,
+    require_tensorrt,
+)
+from deploykit.io import atomic_write_json
+from deploykit.models.inputs import TEXT_TOKENS
+from deploykit.sparsity import MASKS_FILE
+from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.data import is_pipeline, teacher_meta
+
+ROLES = ("teacher", "student")
+VAE_SCALE = 8  # SD latents are 1/8 of the image side
+
+
+def shape_ranges(cfg, meta: dict, bench_batch: int | None = None):
+    """The optimization profile's axis ranges for this build (see ``EngineStage``)."""
+    pipeline = is_pipeline(meta)
+    side = meta["sample_shape"][-1]
+    opt_batch = bench_batch or (2 if pipeline else 32)
+    batch = tuple(cfg.batch) if cfg.batch else (1, opt_batch, opt_batch)
+    if cfg.resolution:
+        scale = VAE_SCALE if pipeline else 1
+        bad = [r for r in cfg.resolution if r % scale]
+        if bad:
+            raise InputError(f"engine.resolution: {bad[0]} is not a multiple of {scale} (the VAE's scale)")
+        sides = tuple(r // scale for r in cfg.resolution)
+    else:
+        sides = (side, side, side)
+    return default_ranges(batch, sides, TEXT_TOKENS if pipeline else None)
+
+
+def has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
+def source_onnx(ctx: StageContext, role: str, precision: str) -> Path:
+    int8 = ctx.inputs.get("onnx_int8")
+    if precision in ("int8", "best") and int8 is not None and (int8 / role / "unet" / "model.onnx").is_file():
+        return int8 / role / "unet" / "model.onnx"
+    if precision == "int8":
+        raise InputError("engine precision int8 needs an INT8 QDQ export (a quantize stage writing onnx_int8) "
+                         f"of the {role}")
+    return ctx.inputs["onnx"] / role / "unet" / "model.onnx"
+
+
+def run(ctx: StageContext) -> dict:
+    require_tensorrt()
+    import tensorrt as trt
+
+    cfg = ctx.config
+    meta = teacher_meta(ctx.inputs["teacher"])
+    ranges = shape_ranges(cfg, meta)
+    gpu = gpu_name()
+    cache = ctx.out / "timing.cache" if cfg.timing_cache else None
+    results = {}
+    for role in ROLES:
+        onnx_path = source_onnx(ctx, role, cfg.precision)
+        qdq = has_qdq(onnx_path)
+        fp16, int8 = precision_flags(cfg.precision, qdq)
+        masked = (ctx.inputs[role] / "model" / MASKS_FILE).is_file()
+        sparse = cfg.sparse_weights == "on" or (cfg.sparse_weights == "auto" and masked)
+        precision = "int8" if int8 else "fp16"
+        name = engine_name(gpu, trt.__version__, precision, sparse)
+        path = ctx.out / role / "unet" / name
+        signature = {k: dims for k, (_, dims) in graph_signature(onnx_path).items()}
+        with ctx.progress(f"building the {role}'s TensorRT engine ({precision}{', sparse weights' if sparse else ''})", 1) as advance:
+            built = build_engine(onnx_path, path, fp16=fp16, int8=int8, sparse_weights=sparse,
+                                 profiles=profile_shapes(signature, ranges), timing_cache=cache,
+                                 workspace_gb=cfg.workspace_gb, log_path=path.with_suffix(".log"),
+                                 optimization_level=cfg.optimization_level)
+            advance(1)
+        results[role] = {**built.as_dict(), "path": f"{role}/unet/{name}", "onnx": str(onnx_path.relative_to(onnx_path.parents[2])),
+                         "precision": precision, "gpu": gpu, "masked": masked}
+        sp = built.sparse
+        ctx.console.print(f"  {role}: {name} in {built.seconds:.0f} s"
+                          + (f"; sparse: {len(sp['picked'])} of {len(sp['eligible'])} eligible layers ran sparse" if sparse else ""))
+    atomic_write_json(ctx.out / "engines.json", results)
+    return {}
+
+
+ENGINE = StageSpec(name="engine", version="1", reads=("teacher", "student", "onnx"), optional_reads=("onnx_int8",),
+                   writes={"engines": "."}, run=run)
