@@ -25,7 +25,7 @@ def test_default_recipe_is_valid():
          "stages[1].runs: Input should be a valid integer"),
         ("name: x\nteacher: zoo:digits\nbogus: 1\nstages:\n  - stage: prune\n", "bogus: unknown key"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: bench\n  - stage: prune\n", "stages must run in the order"),
-        ("name: x\nteacher: zoo:digits\nstages:\n  - stage: eval\n", "add a prune stage"),
+        ("name: x\nteacher: zoo:digits\nstages:\n  - stage: eval\n", "add a prune or sparsify stage"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: distill\n    denoise_weight: 0\n    output_kd_weight: 0\n",
          "nothing to train on"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: sharpen\n", "stages[0]"),
