@@ -150,7 +150,7 @@ def _int8_lines(report: dict) -> list[str]:
                  f"student: {layers.get('int8', '?')} layers INT8, {layers.get('float', '?')} float, output SNR vs fp32 "
                  f"{model.get('error_vs_fp32', {}).get('snr_db', float('nan')):.1f} dB), calibrated on {cal['batches']} UNet calls "
                  f"of the teacher's own sampling ({cal['source']}, {cal['steps']} {cal['scheduler']} steps).")
-    if "quality_loss" in q:
+    if q.get("quality_loss"):
         lines.append("Quality lost to INT8 (student-int8 against the fp32 student; positive is worse): "
                      + ", ".join(f"{m} {v:+.3f}" for m, v in q["quality_loss"].items()) + ".")
     if "gate" in q:
