@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deploykit.sparsity.masks import _bad_groups
+
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 16: None}  # onnx TensorProto data types; 16 = bfloat16 (unsupported)
 
 
@@ -49,13 +51,6 @@ class OnnxSparsityCheck:
 def _key(array: np.ndarray) -> tuple:
     array = np.ascontiguousarray(array)
     return array.shape, array.dtype.str, hashlib.sha256(array.tobytes()).hexdigest()
-
-
-def _bad_groups(array: np.ndarray, axis: int) -> tuple[int, int]:
-    moved = np.moveaxis(array, axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // 4, 4)
-    nonzero = (groups != 0).sum(axis=-1)
-    return int((nonzero > 2).sum()), int(nonzero.size)
 
 
 def _initializers(path: Path) -> dict[tuple, str]:
@@ -97,7 +92,8 @@ def check_onnx_2to4(onnx_path: str | Path, weights: Mapping[str, torch.Tensor],
             result.not_found.append(name)
             continue
         initializer, array, axis = found
-        bad, groups = _bad_groups(array, axis)
+        # back to torch's (out, in, ...) layout, where the masks' own check counts groups of 4 along dim 1
+        bad, groups = _bad_groups(torch.from_numpy(np.ascontiguousarray(array if axis == 1 else array.T)))
         if bad:
             result.violations.append({"layer": name, "initializer": initializer, "bad_groups": bad, "groups": groups})
         else:

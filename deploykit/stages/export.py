@@ -49,6 +49,10 @@ def run(ctx: StageContext) -> dict:
         names = unet_input_names(model)
         check = [dict(zip(names, (x.numpy() for x in example_inputs(meta, model, cfg.check_batch, ctx.seed + 1))))]
         variants = [(role, False)] + ([(f"{role}-fp16", True)] if cfg.fp16 else [])
+        masks_path = ctx.inputs[role] / "model" / MASKS_FILE
+        # a 2:4 model's masked weights, looked up in each of its graphs below
+        masked = ({n: model.get_submodule(n).weight for n in load_masks(masks_path, check=False)}
+                  if masks_path.is_file() else {})
         for name, fp16 in variants:
             path = ctx.out / name / "unet" / ONNX_NAME
             with ctx.progress(f"exporting {name}", 1) as advance:
@@ -66,10 +70,8 @@ def run(ctx: StageContext) -> dict:
                              "files": files, "check": result}
             ctx.console.print(f"  {name}: ONNX Runtime vs torch max |diff| {result['max_abs_error']:.2e} "
                               f"({'ok' if result['passed'] else 'FAILED'} at atol {tol['atol']:g}, rtol {tol['rtol']:g})")
-            masks_path = ctx.inputs[role] / "model" / MASKS_FILE
-            if masks_path.is_file():
-                weights = {n: model.get_submodule(n).weight for n in load_masks(masks_path, check=False)}
-                sparsity = check_onnx_2to4(path, weights)
+            if masked:
+                sparsity = check_onnx_2to4(path, masked)
                 results[name]["sparsity"] = {**sparsity.as_dict(), "path": results[name]["path"]}
                 ctx.console.print(f"  {name}: {sparsity.compliant} of {sparsity.layers} masked weights 2:4 in the graph")
                 if not sparsity.passed:
