@@ -50,6 +50,56 @@ def spread(values: list[float]) -> dict:
             "n": len(values)}
 
 
+# settings a resumed run must share with the rows it keeps
+_COMPARABLE = ("teacher", "recovery_steps", "samples", "eval_steps", "prune_batch")
+
+
+def previous_rows(args) -> list[dict]:
+    """Rows of an earlier run of the same comparison (``--resume``): same settings, any criteria / seeds."""
+    path = args.out / f"{args.name}.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    differing = [k for k in _COMPARABLE if old["settings"].get(k) != getattr(args, k)]
+    if differing:
+        raise SystemExit(f"--resume: {path} was run with other settings ({', '.join(differing)}); use another --name")
+    return old["rows"]
+
+
+def write_results(args, rows: list[dict]) -> list[str]:
+    table = []
+    for target in args.targets:
+        for criterion in args.criteria:
+            cell = [r for r in rows if r["criterion"] == criterion and r["macs_target"] == target]
+            if cell:
+                table.append({"criterion": criterion, "macs_target": target,
+                              **{k: spread([r[k] for r in cell]) for k in
+                                 ("macs_ratio", "pruned_fid", "student_fid", "student_psnr", "criterion_seconds")}})
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = "python benchmarks/criteria.py " + " ".join(argv)
+    result = {"command": command.strip(), "machine": {"cpu": cpu_name(), "platform": platform.platform()},
+              "settings": {k: v for k, v in vars(args).items() if k != "resume"} | {"out": str(args.out)},
+              "rows": rows, "table": table}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"# Importance criteria on {args.teacher}", "",
+             f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['platform']}). "
+             f"Recovery {args.recovery_steps} steps for every criterion; FID on {args.samples} samples, "
+             f"{args.eval_steps} DDIM steps; seeds {seeds}, mean ± standard deviation over seeds. Teacher FID "
+             f"{statistics.fmean(r['teacher_fid'] for r in rows):.2f}.", "",
+             "| MACs target | criterion | seeds | MACs ratio | FID pruned | FID recovered | PSNR vs teacher (dB) | criterion time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        def fmt(k, d=2):
+            s = row[k]
+            return f"{s['mean']:.{d}f}" + (f" ± {s['std']:.{d}f}" if s["n"] > 1 else "")
+        lines.append(f"| {row['macs_target']:.0%} | {row['criterion']} | {row['student_fid']['n']} | {fmt('macs_ratio', 3)} | "
+                     f"{fmt('pruned_fid')} | {fmt('student_fid')} | {fmt('student_psnr')} | {fmt('criterion_seconds', 1)} |")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="zoo:digits")
@@ -62,14 +112,20 @@ def main() -> int:
     parser.add_argument("--prune-batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="criteria")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows an earlier run with the same settings wrote under --name; build only the missing ones")
     args = parser.parse_args()
 
     console = Console(stderr=True)
-    rows = []
+    rows = previous_rows(args) if args.resume else []
+    done = {(r["criterion"], r["macs_target"], r["seed"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
-        for target in args.targets:
-            for criterion in args.criteria:
-                for seed in args.seeds:
+        # seeds outermost: an interrupted run still leaves whole tables for the seeds it finished
+        for seed in args.seeds:
+            for target in args.targets:
+                for criterion in args.criteria:
+                    if (criterion, target, seed) in done:
+                        continue
                     path = Path(tmp) / f"{criterion}-{target}-{seed}.yaml"
                     path.write_text(yaml.safe_dump(recipe_for(args, criterion, target, seed), sort_keys=False))
                     console.rule(f"{criterion} at {target:.0%} MACs, seed {seed}")
@@ -87,33 +143,8 @@ def main() -> int:
                         "student_ssim": report["student"]["quality"]["ssim_vs_teacher"],
                         "build_seconds": time.perf_counter() - started,
                     })
-    table = []
-    for target in args.targets:
-        for criterion in args.criteria:
-            cell = [r for r in rows if r["criterion"] == criterion and r["macs_target"] == target]
-            table.append({"criterion": criterion, "macs_target": target,
-                          **{k: spread([r[k] for r in cell]) for k in
-                             ("macs_ratio", "pruned_fid", "student_fid", "student_psnr", "criterion_seconds")}})
-    command = "python benchmarks/criteria.py " + " ".join(sys.argv[1:])
-    result = {"command": command.strip(), "machine": {"cpu": cpu_name(), "platform": platform.platform()},
-              "settings": vars(args) | {"out": str(args.out)}, "rows": rows, "table": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Importance criteria on {args.teacher}", "",
-             f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['platform']}). "
-             f"Recovery {args.recovery_steps} steps for every criterion; FID on {args.samples} samples, "
-             f"{args.eval_steps} DDIM steps; seeds {args.seeds}. Teacher FID "
-             f"{statistics.fmean(r['teacher_fid'] for r in rows):.2f}.", "",
-             "| MACs target | criterion | MACs ratio | FID pruned | FID recovered | PSNR vs teacher (dB) | criterion time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for row in table:
-        def fmt(k, d=2):
-            s = row[k]
-            return f"{s['mean']:.{d}f}" + (f" ± {s['std']:.{d}f}" if s["n"] > 1 else "")
-        lines.append(f"| {row['macs_target']:.0%} | {row['criterion']} | {fmt('macs_ratio', 3)} | {fmt('pruned_fid')} | "
-                     f"{fmt('student_fid')} | {fmt('student_psnr')} | {fmt('criterion_seconds', 1)} |")
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    console.print("\n".join(lines))
+                    write_results(args, rows)  # after every build: a long run can be resumed
+    console.print("\n".join(write_results(args, rows)))
     return 0
 
 
