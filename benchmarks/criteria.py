@@ -2,7 +2,7 @@
 
 For each MACs target and criterion (and seed), one `deploykit build` of prune -> distill -> eval on
 the zoo teacher: FID before recovery (the pruned model) and after the same recovery budget, PSNR /
-SSIM to the teacher, and the time the criterion's own gradient loop took. Writes
+SSIM to the teacher, and the time the criterion's own gradient loop or calibration took. Writes
 `benchmarks/results/criteria.json` and `.md` with the machine and the exact command.
 
 The papers' differences are small (5.29 vs 5.48 vs 5.62 FID on CIFAR-10), so use several seeds
@@ -28,7 +28,7 @@ from deploykit.recipe import load_recipe
 from deploykit.runner import build
 
 HERE = Path(__file__).resolve().parent
-CRITERIA = ["random", "magnitude", "taylor", "diff-pruning", "nici", "cap"]
+CRITERIA = ["random", "magnitude", "taylor", "diff-pruning", "nici", "cap", "block-removal"]
 
 
 def recipe_for(args, criterion: str, target: float, seed: int) -> dict:

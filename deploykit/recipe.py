@@ -34,7 +34,7 @@ class PruneStage(_Strict):
     """Structured channel pruning with torch-pruning's DepGraph, to a MACs target found by search."""
 
     stage: Literal["prune"] = "prune"
-    criterion: Literal["magnitude", "random", "taylor", "diff-pruning", "nici", "cap"] = Field(
+    criterion: Literal["magnitude", "random", "taylor", "diff-pruning", "nici", "cap", "block-removal"] = Field(
         "magnitude", description="importance criterion (deploykit.prune.importance)")
     macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
     round_to: int | None = Field(None, ge=1, le=256,
@@ -43,7 +43,7 @@ class PruneStage(_Strict):
         None, description="fnmatch patterns of layers whose output channels stay dense (default: "
                           f"{', '.join(DEFAULT_IGNORED)}; SD UNets also conv_in and add_embedding.*)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
-    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the taylor and cap criteria")
+    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the gradient criteria and block-removal's calibration")
     batch_size: int = Field(64, ge=1, le=4096)
 
 

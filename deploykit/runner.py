@@ -101,10 +101,13 @@ class Runner:
             if self.recipe.stage("distill") is not None:
                 raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "
                                  "data; see the DaKD issue); remove the distill stage")
+            from deploykit.prune import get_criterion
+
             prune = self.recipe.stage("prune")
-            if prune is not None and prune.criterion not in ("magnitude", "random"):
+            # gradient loops call model(x_t, t) without text conditioning; block-removal calibration has it
+            if prune is not None and get_criterion(prune.criterion).needs_gradients:
                 raise InputError(f"{where}: prune.criterion {prune.criterion} needs training images; for Stable "
-                                 "Diffusion UNets use magnitude or random")
+                                 "Diffusion UNets use magnitude, random or block-removal")
         else:
             bench = self.recipe.stage("bench")
             if bench is not None and bench.end_to_end is not None:

@@ -18,7 +18,7 @@ def test_default_recipe_is_valid():
     "body, expected",
     [
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    criterion: magnitud\n",
-         "stages[0].criterion: Input should be 'magnitude', 'random', 'taylor', 'diff-pruning', 'nici' or 'cap'"),
+         "stages[0].criterion: Input should be 'magnitude', 'random', 'taylor', 'diff-pruning', 'nici', 'cap' or 'block-removal'"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    colour: red\n", "stages[0].colour: unknown key"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    macs_target: 1.5\n", "stages[0].macs_target"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n  - stage: bench\n    runs: many\n",

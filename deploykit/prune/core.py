@@ -95,8 +95,9 @@ class PruneResult:
     params_after: int
     pruning_ratio: float
     trials: list[dict] = field(default_factory=list)
-    gradient_seconds: float = 0.0  # time the criterion's gradient loop took
-    search_seconds: float = 0.0    # trace, importance and search
+    criterion_seconds: float = 0.0  # time the criterion's gradient loop or calibration took
+    search_seconds: float = 0.0     # trace, importance and search
+    calibration: dict = field(default_factory=dict)  # what a calibrated criterion measured (block-removal: its ranking)
 
     @property
     def macs_ratio(self) -> float:
@@ -194,7 +195,8 @@ class _CachedImportance:
 class _Planner:
     """Traces the model once and turns pruning ratios into plans."""
 
-    def __init__(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], cfg: PruneConfig, ignored: Sequence[str]):
+    def __init__(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], cfg: PruneConfig, ignored: Sequence[str],
+                 importance: tp.importance.Importance | None = None):
         if cfg.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {cfg.attention!r}")
         self.cfg = cfg
@@ -212,7 +214,7 @@ class _Planner:
             elif cfg.attention == "head_dims" or attn.heads > 1:
                 self.attention[name] = attn
                 hidden += qkv
-        self.importance = _CachedImportance(get_criterion(cfg.criterion).factory())
+        self.importance = _CachedImportance(importance if importance is not None else get_criterion(cfg.criterion).factory())
         torch.manual_seed(cfg.seed)  # the random criterion draws from the global generator
         self.pruner = tp.pruner.BasePruner(
             TensorOutput(model),
@@ -500,18 +502,24 @@ def prune_to_macs(
     config: PruneConfig,
     forward_loop: Callable[[nn.Module], None] | None = None,
     on_trial: Callable[[dict], None] | None = None,
+    calibration_forward: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, PruneResult]:
     """Prune a copy of ``model`` to at most ``config.macs_target`` of its MACs.
 
     ``forward_loop(model)`` runs the caller's data through the model and calls ``backward()``; it is
-    needed by gradient criteria (``taylor``) and ignored by the others. ``model`` is not modified
-    (gradient criteria work on a copy; the others read ``model`` and copy only the pruned result).
+    needed by gradient criteria (``taylor``) and ignored by the others. ``calibration_forward(model)``
+    returns the model's output on the caller's fixed calibration inputs; it is needed by calibrated
+    criteria (``block-removal``) and ignored by the others. ``model`` is not modified (gradient
+    criteria work on a copy; the others read ``model`` and copy only the pruned result).
     """
     criterion = get_criterion(config.criterion)
     if not 0 < config.macs_target <= 1:
         raise ValueError(f"macs_target must be in (0, 1], got {config.macs_target}")
     ignored = default_ignored(model) if config.ignored is None else tuple(config.ignored)
     was_training = model.training
+    importance = criterion.factory()
+    calibration: dict = {}
+    criterion_seconds = 0.0
     if criterion.needs_gradients:
         if forward_loop is None:
             raise ValueError(f"criterion {criterion.name!r} needs gradients: pass a forward_loop")
@@ -520,13 +528,17 @@ def prune_to_macs(
         started = time.perf_counter()
         with torch.enable_grad():
             forward_loop(model)
-        gradient_seconds = time.perf_counter() - started
-    else:
-        gradient_seconds = 0.0
+        criterion_seconds += time.perf_counter() - started
+    if criterion.needs_calibration:
+        if calibration_forward is None:
+            raise ValueError(f"criterion {criterion.name!r} needs calibration: pass a calibration_forward")
+        started = time.perf_counter()
+        calibration = importance.calibrate(model, calibration_forward)  # leaves the model as it was
+        criterion_seconds += time.perf_counter() - started
     source = model
     started = time.perf_counter()
     try:
-        planner = _Planner(source, example_inputs, config, ignored)
+        planner = _Planner(source, example_inputs, config, ignored, importance)
         trial_macs = _MacsCounter(source, example_inputs)
         macs_before = trial_macs.reference
         params_before = count_params(source)
@@ -569,4 +581,4 @@ def prune_to_macs(
     pruned.eval()
     macs_after = best[2]  # counted as count_macs counts (checked against it in _MacsCounter)
     return pruned, PruneResult(macs_before, macs_after, params_before, count_params(pruned), ratio, trials,
-                               gradient_seconds, search_seconds)
+                               criterion_seconds, search_seconds, calibration)

@@ -18,16 +18,26 @@ ForwardLoop = Callable[[nn.Module], None]
 
 @dataclass
 class GradientData:
-    """Clean images from the teacher's data and the noise scheduler it was trained with."""
+    """Clean images from the teacher's data and the noise scheduler it was trained with.
+
+    ``conditioning``: the UNet's inputs after (sample, timestep) for one sample, in
+    :func:`deploykit.models.inputs.unet_input_names` order (SD: encoder_hidden_states; SDXL also
+    text_embeds, time_ids); empty for pixel UNets. Block-removal calibration feeds it to SD UNets.
+    """
 
     images: torch.Tensor
     noise_scheduler: object  # a diffusers training scheduler: add_noise, alphas_cumprod, config
     batch_size: int = 64
     batches: int = 4
     seed: int = 0
+    conditioning: tuple[torch.Tensor, ...] = ()
 
     def fixed_batch(self, gen: torch.Generator) -> torch.Tensor:
         return self.images[torch.randint(0, len(self.images), (self.batch_size,), generator=gen)]
+
+    def conditioning_for(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """``conditioning`` repeated for a batch of ``batch`` samples."""
+        return tuple(c[:1].expand(batch, *c.shape[1:]) for c in self.conditioning)
 
     @property
     def num_timesteps(self) -> int:
