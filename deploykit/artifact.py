@@ -1,7 +1,7 @@
 """The build folder: stage cache, finished outputs, manifest, and their verification.
 
 ```
-<out>/manifest.json  report.json  report.md  plots/  samples/  model/  onnx/  stages/
+<out>/manifest.json  report.json  report.md  plots/  samples/  model/  onnx/  bundle/  remote/  stages/
 ```
 Every stage writes into ``stages/.tmp-*`` and is renamed into place when complete, with a
 ``files.json`` listing the sha256 of what it wrote; the manifest is written last and lists the sha256
@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterable
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +30,10 @@ MANIFEST = "manifest.json"
 STAGES = "stages"
 LOCK = ".lock"
 # Top-level outputs a build owns; replaced whole on each finalize.
-OUTPUT_DIRS = ("model", "onnx", "onnx_int8", "engines", "plots", "samples")
+OUTPUT_DIRS = ("model", "onnx", "onnx_int8", "engines", "bundle", "plots", "samples")
+# Written by `deploykit bench --host` (device figures of the artifact's bundle), kept across builds that leave
+# the bundle as it was.
+REMOTE_DIR = "remote"
 
 
 def list_files(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
@@ -144,6 +148,17 @@ class Artifact:
             "packages": package_versions(),
             "files": hash_folder(self.root, exclude=(STAGES, MANIFEST)),
         }
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def update_files(self, changed: Iterable[str], removed: Iterable[str] = ()) -> dict:
+        """Re-hash the files ``changed`` (paths relative to the root) in the manifest and drop ``removed`` ones,
+        leaving every other entry as recorded (a remote bench adds figures without re-hashing GBs of graphs)."""
+        manifest = self.read_manifest()
+        files = {k: v for k, v in manifest.get("files", {}).items() if k not in set(removed)}
+        for rel in changed:
+            files[rel] = sha256_file(self.root / rel)
+        manifest["files"] = dict(sorted(files.items()))
         atomic_write_json(self.manifest_path, manifest)
         return manifest
 

@@ -123,6 +123,38 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from deploykit.bench.remote import SSH, RemoteBench, parse_host, store
+
+    host = parse_host(args.host)
+    identity = Path(args.identity).expanduser() if args.identity else None
+    if identity is not None and not identity.is_file():
+        raise InputError(f"--identity {args.identity}: no such key file")
+    for name in ("runs", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "runs" else 0):
+            raise InputError(f"--{name} {value}: must be at least {1 if name == 'runs' else 0}")
+    artifact = Path(args.artifact)
+    if not artifact.is_dir():
+        raise InputError(f"no such artifact folder: {artifact}")
+    ssh = SSH(host, identity, tuple(args.ssh_option), args.connect_timeout,
+              echo=lambda line: console.print(f"  {host.label}: {line}", highlight=False, markup=False))
+    bench = RemoteBench(artifact, ssh, args.backend, args.remote_dir, args.remote_python, args.runs, args.warmup,
+                        say=lambda text: console.print(text, highlight=False, markup=False))
+    results, meta = bench.run()
+    name, entry = store(artifact, results, meta)
+    console.print(f"[green]{name}[/] on {entry['device']}: teacher p50 {entry['teacher']['p50_ms']:.2f} ms, student p50 "
+                  f"{entry['student']['p50_ms']:.2f} ms -> [bold]{entry['speedup']:.2f}x[/] (per-pair median "
+                  f"{entry['speedup_pair_median']:.2f}x)", highlight=False)
+    est = entry.get("estimate")
+    if est:
+        console.print(f"roofline estimate on the {est['target']} ({est['device']}, {est['precision']}): teacher "
+                      f"{est['teacher_ms']:.2f} ms, student {est['student_ms']:.2f} ms ({est['speedup']:.2f}x)"
+                      + ("; measured on the CPU stand-in, not comparable" if entry["stand_in"] else ""), highlight=False)
+    console.print(f"results: {artifact / entry['results']}; report: {artifact / 'report.md'}", highlight=False)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deploykit", description="Prune, recover, export and benchmark diffusion models.")
     parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
@@ -156,6 +188,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before serving")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="time an artifact's device bundle on the device over SSH (Jetson targets)",
+                       description="Copy the artifact's bundle/ to the device over SSH (only what changed), build its "
+                                   "TensorRT engines there, time teacher against student there, and put the figures "
+                                   "into the artifact's report (remote/<host>/<backend>/).")
+    p.add_argument("artifact", help="artifact folder built from a recipe with a bundle stage")
+    p.add_argument("--host", required=True, help="user@device[:port], or a host alias from ~/.ssh/config")
+    p.add_argument("--identity", "-i", help="private key file (ssh -i)")
+    p.add_argument("--ssh-option", "-o", action="append", default=[], metavar="OPTION",
+                   help="passed to ssh as -o OPTION, e.g. ProxyJump=gateway (repeatable)")
+    p.add_argument("--backend", choices=["tensorrt", "onnxruntime-cpu"], default="tensorrt",
+                   help="tensorrt (default: build the engines on the device and time them) or onnxruntime-cpu (the "
+                        "device's CPU, no TensorRT needed)")
+    p.add_argument("--remote-dir", help="folder on the device (default: deploykit-bundles/<recipe name>, in the login "
+                                        "folder)")
+    p.add_argument("--remote-python", default="python3", help="the device's Python (default python3)")
+    p.add_argument("--runs", type=int, help="timed teacher / student pairs (default: the bundle's)")
+    p.add_argument("--warmup", type=int, help="warm-up pairs (default: the bundle's)")
+    p.add_argument("--connect-timeout", type=int, default=15, help="seconds (ssh ConnectTimeout, default 15)")
+    p.set_defaults(func=_cmd_bench)
 
     recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
     p = recipe.add_parser("schema", help="print the recipe JSON schema")

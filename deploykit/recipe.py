@@ -19,11 +19,24 @@ from deploykit.quantize.exclude import DEFAULT_EXCLUDE as QUANTIZE_EXCLUDE
 from deploykit.sparsity.masks import DEFAULT_EXCLUDE, DEFAULT_MIN_FEATURES
 
 Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
-Target = Literal["cpu", "cuda"]
+Target = Literal["cpu", "cuda", "jetson-agx-orin", "jetson-orin-nano"]
+# Jetson targets: TensorRT on JetPack. Engines must be built on the device itself, so a Jetson recipe
+# ends in a bundle stage and is timed on the device with `deploykit bench ARTIFACT --host user@jetson`.
+# The names are those of deploykit.bench.roofline's devices (jetson-agx-orin-64gb, jetson-orin-nano-8gb)
+# without the memory size.
+JETSON_TARGETS = ("jetson-agx-orin", "jetson-orin-nano")
 Topology = Literal["sd15", "sdxl", "tiny-sd", "tiny-sdxl"]
 # Channel counts the target's kernels like: AVX-512 / oneDNN blocks of 8 floats on CPU; on GPUs, fp16
 # tensor-core tiles want multiples of 64 for the widths to map onto whole tiles.
-ROUND_TO_BY_TARGET = {"cpu": 8, "cuda": 64}
+# AGX Orin has the same Ampere tensor cores (SM 8.7) and TensorRT's kernel library as a discrete GPU:
+# 64, like cuda. Orin Nano: 32. Its recipes prune deeper (memory: see recipes/sd15_jetson_nano.yaml),
+# and at SD1.5's narrowest level (320 channels) steps of 64 are 20% of the layer, too coarse for the MACs
+# search to land near its target; 32 still keeps every width a multiple of the 8 that fp16 tensor-core
+# MMAs need, and with only 8 SMs the Nano's GEMMs are small enough that TensorRT picks narrow tiles anyway.
+# (Not measured on a Nano yet: `deploykit bench --host` on one is what settles it.)
+ROUND_TO_BY_TARGET = {"cpu": 8, "cuda": 64, "jetson-agx-orin": 64, "jetson-orin-nano": 32}
+# Backends a bench stage may time on the build machine for a Jetson target (the device is timed remotely)
+JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
 
 
 class _Strict(BaseModel):
@@ -186,6 +199,47 @@ class EngineStage(_Strict):
         return v
 
 
+class BundleStage(_Strict):
+    """A self-contained bundle for a Jetson (``bundle/`` in the artifact): the exported ONNX graphs, a script that
+    builds TensorRT engines on the device with its own TensorRT, and ``run.py``, which benchmarks teacher against
+    student and serves the student with no deploykit installed. ``deploykit bench ARTIFACT --host user@device``
+    copies it over SSH, builds, runs and brings the figures back.
+
+    Engine settings mean what they mean in the engine stage; the profiles default to the build's shapes
+    (batch 1..B with B optimal, the recipe's resolution fixed).
+    """
+
+    stage: Literal["bundle"] = "bundle"
+    precision: Literal["fp16", "int8", "best"] = Field(
+        "fp16", description="TensorRT precision: int8 needs a quantize stage's INT8 QDQ UNets; best uses them where present")
+    sparse_weights: Literal["auto", "on", "off"] = Field(
+        "auto", description="BuilderFlag.SPARSE_WEIGHTS (trtexec --sparsity=enable): auto turns it on for a model "
+                            "carrying 2:4 masks")
+    onnx: Literal["fp32", "fp16"] = Field(
+        "fp32", description="graphs shipped: fp32 (TensorRT builds fp16 from it with the FP16 flag; what the "
+                            "onnxruntime-cpu stand-in runs) or fp16 (half the bytes to copy and for TensorRT to parse: "
+                            "8 GB devices; needs export.fp16)")
+    pipeline: bool = Field(True, description="SD: also ship the student's text encoder, VAE decoder, tokenizer and "
+                                             "scheduler, so that `run.py serve` makes images (false: UNets only)")
+    batch_size: int | None = Field(None, ge=1, le=4096,
+                                   description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the engines' optimization profile")
+    resolution: tuple[int, int, int] | None = Field(
+        None, description="min, opt, max image side in pixels of the profile (default: the recipe's resolution, fixed)")
+    workspace_gb: float = Field(2.0, gt=0, le=1024, description="TensorRT builder workspace on the device")
+    optimization_level: int = Field(3, ge=0, le=5)
+    timing_cache: bool = Field(True, description="reuse tactic timings across builds on the device (engines/timing.cache)")
+    warmup: int = Field(10, ge=0, le=100_000, description="run.py bench: warm-up pairs")
+    runs: int = Field(50, ge=3, le=100_000, description="run.py bench: timed teacher / student pairs")
+
+    @field_validator("batch", "resolution")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
+            raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
+        return v
+
+
 class VerifyStage(_Strict):
     """torch vs ONNX Runtime (fp32, and the fp16 graph where exported) vs TensorRT engines, with polygraphy."""
 
@@ -253,8 +307,8 @@ class EvalStage(_Strict):
     grid_samples: int = Field(32, ge=1, le=256)
 
 
-Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, QuantizeStage, EngineStage, VerifyStage,
-                        BenchStage, EvalStage],
+Stage = Annotated[Union[PruneStage, SparsifyStage, DistillStage, ExportStage, QuantizeStage, BundleStage, EngineStage,
+                        VerifyStage, BenchStage, EvalStage],
                   Field(discriminator="stage")]
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
@@ -264,7 +318,7 @@ CALIBRATION_PROMPTS = ("a cat sitting on a windowsill, morning light", "a city s
                        "an old wooden boat on a beach", "a plate of pancakes with berries")
 
 # A stage may only come after the stages it reads from.
-_ORDER = ["prune", "sparsify", "distill", "export", "quantize", "engine", "verify", "bench", "eval"]
+_ORDER = ["prune", "sparsify", "distill", "export", "quantize", "bundle", "engine", "verify", "bench", "eval"]
 
 
 class Recipe(_Strict):
@@ -287,18 +341,24 @@ class Recipe(_Strict):
             raise ValueError(f"a stage appears twice: {names}")
         if names != sorted(names, key=_ORDER.index):
             raise ValueError(f"stages must run in the order {' -> '.join(n for n in _ORDER if n in names)}")
-        needs_student = [n for n in names if n in ("distill", "export", "quantize", "engine", "verify", "bench", "eval")]
+        needs_student = [n for n in names if n in ("distill", "export", "quantize", "bundle", "engine", "verify", "bench",
+                                                    "eval")]
         if needs_student and "prune" not in names and "sparsify" not in names:
             raise ValueError(f"{needs_student[0]} works on a student: add a prune or sparsify stage before it")
-        needs_onnx = [n for n in names if n in ("quantize", "engine", "verify")]
+        needs_onnx = [n for n in names if n in ("quantize", "bundle", "engine", "verify")]
         if needs_onnx and "export" not in names:
             raise ValueError(f"{needs_onnx[0]} works on the exported ONNX graphs: add an export stage before it")
         return stages
 
     @model_validator(mode="after")
     def _target_backends(self):
+        if self.target in JETSON_TARGETS:
+            self._check_jetson()
+        elif self.stage("bundle") is not None:
+            raise ValueError(f"stages: bundle makes an on-device bundle for a Jetson target ({', '.join(JETSON_TARGETS)}); "
+                             f"target {self.target} builds and times on this machine (engine / bench stages)")
         bench = self.stage("bench")
-        if bench is not None:
+        if bench is not None and self.target not in JETSON_TARGETS:
             wrong = [b for b in bench.backends if not b.endswith(self.target)]
             if wrong:
                 raise ValueError(f"stages: bench backend {wrong[0]} does not run on target {self.target}")
@@ -310,6 +370,30 @@ class Recipe(_Strict):
         if self.stage("engine") is not None and self.target == "cpu":
             raise ValueError("stages: engine builds TensorRT engines, which run on target cuda, not cpu")
         return self
+
+    def _check_jetson(self) -> None:
+        """Engines for a Jetson are built on the Jetson: no local engine build, no local GPU bench; a bundle instead."""
+        device = f"`deploykit bench ARTIFACT --host user@jetson` builds the engines on the {self.target} and times them there"
+        if self.stage("engine") is not None:
+            raise ValueError(f"stages: engine builds TensorRT engines on this machine, which a {self.target} cannot run "
+                             f"(engines are built on the device): use a bundle stage; {device}")
+        bundle = self.stage("bundle")
+        if bundle is None:
+            raise ValueError(f"stages: target {self.target} needs a bundle stage (after export): {device}")
+        bench = self.stage("bench")
+        if bench is not None:
+            wrong = [b for b in bench.backends if b not in JETSON_LOCAL_BACKENDS]
+            if wrong:
+                raise ValueError(f"stages: bench backend {wrong[0]} would time this machine's GPU, not the {self.target}'s: "
+                                 f"{device}; a local bench stage may only use {', '.join(JETSON_LOCAL_BACKENDS)}")
+            if bench.precision != "fp32":
+                raise ValueError(f"stages: bench precision {bench.precision}: the local bench of a Jetson target runs on "
+                                 "the CPU in fp32; the device's fp16 figures come from `deploykit bench --host`")
+        export = self.stage("export")
+        if bundle.onnx == "fp16" and export is not None and not export.fp16:
+            raise ValueError("stages: bundle.onnx fp16 ships the fp16 graphs: set export.fp16: true")
+        if bundle.precision == "int8" and self.stage("quantize") is None:
+            raise ValueError("stages: bundle.precision int8 needs INT8 QDQ UNets: add a quantize stage before the bundle")
 
     def stage(self, name: str):
         return next((s for s in self.stages if s.stage == name), None)

@@ -122,6 +122,9 @@ class Runner:
         inputs = {r: roles[r] for r in spec.reads + spec.optional_reads if r in roles}
         config_dict = config.model_dump() if hasattr(config, "model_dump") else dict(config)
         config_dict = {k: v for k, v in config_dict.items() if k not in spec.key_ignores}
+        recipe_values = {f: getattr(self.recipe, f) for f in spec.recipe_fields}
+        if recipe_values:
+            config_dict["recipe"] = recipe_values
         input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()}
         if name == "teacher":
             input_digests["source"] = teacher_source
@@ -141,19 +144,20 @@ class Runner:
             self.console.print(f"[dim]{name}: up to date ({final.name})[/]")
         else:
             self.console.print(f"[bold]{name}[/]")
-            summary, digest = self._execute(spec, index, name, key, config, {r: p for r, (p, _) in inputs.items()}, final)
+            summary, digest = self._execute(spec, index, name, key, config, {r: p for r, (p, _) in inputs.items()}, final,
+                                            recipe_values)
         for role, sub in spec.writes.items():
             roles[role] = ((final / sub).resolve() if sub != "." else final, digest)
         return StageRecord(name, key, final.name, digest, reused, round(time.perf_counter() - started, 2), summary)
 
-    def _execute(self, spec, index, name, key, config, inputs, final: Path) -> tuple[dict, str]:
+    def _execute(self, spec, index, name, key, config, inputs, final: Path, recipe_values: dict) -> tuple[dict, str]:
         self.artifact.stages.mkdir(parents=True, exist_ok=True)
         tmp = self.artifact.stages / f".tmp-{index:02d}-{name}-{key[:16]}-{os.getpid()}"
         tmp.mkdir()
         work = self.artifact.work_dir(name, key)
         work.mkdir(exist_ok=True)
         ctx = StageContext(config=config, inputs=inputs, out=tmp, work=work, seed=self.recipe.seed,
-                           console=self.console, recipe_dir=self.recipe_path.parent)
+                           console=self.console, recipe_dir=self.recipe_path.parent, recipe=recipe_values)
         try:
             summary = spec.run(ctx) or {}
             digest = seal_stage(tmp)
@@ -166,11 +170,15 @@ class Runner:
         return summary, digest
 
     def _finalize(self, records: list[StageRecord], roles: dict) -> dict:
-        from deploykit.report import assemble, check_quality_gate, write_outputs
+        from deploykit.export.bundle import manifest_sha256
+        from deploykit.report import assemble, check_quality_gate, remote, write_outputs
 
         stages = [{"name": r.name, "key": r.key, "dir": r.dir, "digest": r.digest} for r in records]
         folders = {r: p for r, (p, _) in roles.items()}
         report = assemble(self.recipe, folders)
+        # device figures (`deploykit bench --host`) of this very bundle stay in the report; others are dropped
+        stale_remote = remote.merge(report, self.artifact.root,
+                                    manifest_sha256(folders["bundle"]) if "bundle" in folders else None)
         # before anything is written: a build that fails its quality gate leaves the artifact as it was
         gate = check_quality_gate(report)
         if gate:
@@ -185,6 +193,7 @@ class Runner:
                     return current
             except (InputError, OSError, json.JSONDecodeError):
                 pass
+        remote.remove(self.artifact.root, stale_remote)
         write_outputs(self.artifact.root, self.recipe, folders, report=report)
         self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages)
         return report

@@ -153,10 +153,11 @@ warn_unused_ignores = True
 [mypy-tensorrt,tensorrt_bindings,tensorrt_bindings.*]
 follow_imports = normal
 ignore_errors = True
-[mypy-tensorrt_libs,polygraphy.*]
+[mypy-tensorrt_libs,polygraphy.*,onnxruntime,onnxruntime.*]
 ignore_missing_imports = True
 """
-TYPED = ["deploykit/export/tensorrt.py", "deploykit/stages/engine.py", "deploykit/stages/verify.py"]
+TYPED = ["deploykit/export/tensorrt.py", "deploykit/stages/engine.py", "deploykit/stages/verify.py",
+         "deploykit/export/bundle_run.py", "deploykit/export/bundle_build.py"]
 
 
 def patched_stubs(dest: Path) -> Path:

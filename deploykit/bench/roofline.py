@@ -219,6 +219,8 @@ DEVICES: dict[str, Device] = {
 }
 # GPU names as torch reports them -> table entries
 GPU_NAMES = {"H100 80GB HBM3": "h100-sxm", "H100 SXM": "h100-sxm", "Orin": "jetson-agx-orin-64gb"}
+# recipe targets (deploykit.recipe.JETSON_TARGETS) -> table entries: a Jetson recipe is estimated for its device
+TARGET_DEVICES = {"jetson-agx-orin": "jetson-agx-orin-64gb", "jetson-orin-nano": "jetson-orin-nano-8gb"}
 
 
 def device_for_gpu(gpu_name: str) -> Device | None:

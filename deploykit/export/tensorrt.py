@@ -2,6 +2,8 @@
 
 Written against the TensorRT 10 Python API (type-checked in CI against ``tensorrt-stubs``); ``tensorrt``
 is imported only when an engine is built, and its absence is a :class:`DeployKitError` saying so.
+The module imports nothing else from deploykit (its errors fall back to local classes), so a device bundle
+ships it as ``trt_build.py`` for its build script (``deploykit/export/bundle_build.py``).
 Everything that does not need TensorRT (profile shapes from an ONNX graph and a target, engine names,
 reading the build log) is a plain function, tested without it.
 
@@ -28,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import DeployKitError, InputError
+try:
+    from deploykit.errors import DeployKitError, InputError
+except ImportError:  # copied into a device bundle as trt_build.py, where deploykit is not installed
+    class DeployKitError(Exception):  # type: ignore[no-redef]
+        """A build failure (deploykit.errors.DeployKitError where deploykit is installed)."""
+
+    class InputError(DeployKitError):  # type: ignore[no-redef]
+        """Bad input (deploykit.errors.InputError where deploykit is installed)."""
 
 if TYPE_CHECKING:
     import tensorrt as trt

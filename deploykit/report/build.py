@@ -6,8 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from deploykit.artifact import OUTPUT_DIRS
+from deploykit.artifact import FILES_JSON, OUTPUT_DIRS
 from deploykit.errors import QualityGateError
+from deploykit.export.bundle import copy_folder
 from deploykit.io import atomic_write_json, atomic_write_text, make_temp_dir, replace_dir
 from deploykit.recipe import Recipe
 from deploykit.report.markdown import render
@@ -35,6 +36,7 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
     quantize = _read(roles.get("onnx_int8"), "quantize.json")
     engines = _read(roles.get("engines"), "engines.json")
     verify = _read(roles.get("verify"), "verify.json")
+    bundle = _read(roles.get("bundle"), "bundle.json")
 
     has_student = "student" in roles
     entries = ["teacher"] + (["pruned"] if has_student and distill else []) + (["student"] if has_student else [])
@@ -102,6 +104,12 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
                             "skipped": verify["skipped"]}
     if bench and "estimate" in bench:
         report["estimate"] = bench["estimate"]
+    if bundle:
+        report["bundle"] = {"target": bundle["target"], "files": len(bundle["files"]), "engine": bundle["engine"],
+                            "components": {c: {"onnx": v["onnx"], "int8": v["int8"], "sparse": v["sparse"]}
+                                           for c, v in bundle["components"].items()},
+                            "serves": bundle["kind"] == "pixel" or bool(bundle.get("pipeline")),
+                            "estimate": bundle.get("estimate")}
     if evaluation:
         report["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference", "skipped")
                           if k in evaluation}
@@ -220,6 +228,8 @@ def write_outputs(root: Path, recipe: Recipe, roles: dict[str, Path], report: di
             _int8_folder(roles, staged["onnx_int8"])
         if "engines" in roles and (roles["engines"] / "student").is_dir():
             shutil.copytree(roles["engines"] / "student", staged["engines"], dirs_exist_ok=True)
+        if "bundle" in roles:
+            copy_folder(roles["bundle"], staged["bundle"], skip=(FILES_JSON,))
         if (bench := _read(roles.get("bench"), "bench.json")) is not None:
             latency_bars(staged["plots"] / "latency.png", bench)
         if (distill := _read(roles.get("student"), "distill.json")) is not None:

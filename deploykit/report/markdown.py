@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from deploykit.report.remote import markdown as remote_markdown
+
 
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
@@ -53,6 +55,7 @@ def render(report: dict) -> str:
         for b in backends:
             lines.append(f"| {b} | **{report['speedup'][b]:.2f}x** | {report['speedup_pair_median'][b]:.2f}x |")
         lines.append("")
+    lines += remote_markdown(report)
     if "int8" in report:
         lines += _int8_lines(report)
     if "end_to_end" in report:
@@ -118,6 +121,17 @@ def render(report: dict) -> str:
                    if "SPARSE_WEIGHTS" in e["flags"] else "")
             lines.append(f"TensorRT {e['tensorrt']} engine of the {role} on {e['gpu']}: `{e['path']}` ({e['precision']}, "
                          f"flags {', '.join(e['flags']) or 'none'}, built in {e['seconds']:.0f} s{ran}).")
+    if "bundle" in report:
+        b = report["bundle"]
+        sparse = [c for c, v in b["components"].items() if v["sparse"]]
+        est = b.get("estimate")
+        lines.append(f"Device bundle `bundle/` for the {b['target']}: {', '.join(b['components'])} as ONNX, built into "
+                     f"TensorRT {b['engine']['precision']} engines on the device by its build_engines.sh"
+                     + (f" (2:4 sparse weights: {', '.join(sparse)})" if sparse else "")
+                     + f"; run.py times teacher against student there{' and serves the student' if b['serves'] else ''}. "
+                     "`deploykit bench ARTIFACT --host user@device` runs it over SSH."
+                     + (f" Roofline estimate on the {est['device']['name']} ({est['precision']}): teacher {est['teacher']['ms']:.2f} ms, "
+                        f"student {est['student']['ms']:.2f} ms per UNet call ({est['speedup']:.2f}x)." if est else ""))
     if "verify" in report:
         v = report["verify"]
         checks = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}"

@@ -2,6 +2,7 @@
 
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.bench import BENCH
+from deploykit.stages.bundle import BUNDLE
 from deploykit.stages.distill import DISTILL
 from deploykit.stages.engine import ENGINE
 from deploykit.stages.eval import EVAL
@@ -12,7 +13,7 @@ from deploykit.stages.sparsify import SPARSIFY
 from deploykit.stages.teacher import TEACHER
 from deploykit.stages.verify import VERIFY
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, ENGINE, VERIFY,
-                                                          BENCH, EVAL)}
+STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, BUNDLE, ENGINE,
+                                                          VERIFY, BENCH, EVAL)}
 
 __all__ = ["STAGES", "StageContext", "StageSpec"]

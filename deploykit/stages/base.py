@@ -22,6 +22,7 @@ class StageContext:
     seed: int
     console: Console
     recipe_dir: Path | None = None
+    recipe: dict = field(default_factory=dict)  # the recipe fields the stage's spec names in ``recipe_fields``
 
     def read_json(self, role: str, name: str) -> dict:
         return json.loads((self.inputs[role] / name).read_text())
@@ -56,3 +57,6 @@ class StageSpec:
     run: Callable[[StageContext], dict]
     optional_reads: tuple[str, ...] = field(default_factory=tuple)
     key_ignores: tuple[str, ...] = field(default_factory=tuple)  # config fields that do not change the outputs
+    # recipe fields (``target``, ``name``) the stage reads besides its own config: given in ``ctx.recipe`` and
+    # part of its cache key
+    recipe_fields: tuple[str, ...] = field(default_factory=tuple)

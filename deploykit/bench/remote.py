@@ -1,0 +1,325 @@
+"""`deploykit bench ARTIFACT --host user@device`: time an artifact's bundle on the device over SSH.
+
+Uses the system's OpenSSH client as a subprocess, so ``~/.ssh/config`` (aliases, ports, jump hosts), agents
+and known_hosts work as they do for ``ssh`` itself; ``BatchMode=yes`` makes a missing key or an unknown host
+key an error instead of a prompt. Steps, each one ``ssh`` call:
+
+1. probe: make the remote folder, hash what the device already has of the bundle, and name what is missing
+   or different (a re-run copies only what changed: the multi-GB graphs once);
+2. copy: those files as a tar stream piped through ssh into ``tar -xf -`` on the device (no sftp / scp needed);
+3. verify: ``run.py verify`` checks every file against bundle.json (sha256) on the device;
+4. build (``--backend tensorrt``): ``build_engines.sh``, which skips engines already built from the same graphs;
+5. bench: ``run.py bench`` there; its results.json comes back on stdout.
+
+The results then go into the artifact: ``remote/<host>/<backend>/`` and a ``<backend>@<host>`` entry in
+report.json / report.md with the roofline estimate of the recipe's target beside it, each file written
+atomically and the manifest updated last. A connection failure, a missing bundle or a non-zero exit on the
+device is one message and a non-zero exit code; the artifact is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+import tarfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploykit.errors import DeployKitError, InputError
+
+BACKENDS = ("tensorrt", "onnxruntime-cpu")
+BUNDLE = "bundle"
+SSH_FAILED = 255  # ssh's own exit status for connection and authentication failures
+
+
+class RemoteError(DeployKitError):
+    """The device could not be reached, or a step failed there (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    user: str | None
+    host: str
+    port: int | None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def label(self) -> str:
+        """The host as report keys and folders name it (the user left out): ``orin``, ``10.0.0.5:2222``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" if self.port else host
+
+    def __str__(self) -> str:
+        return self.destination + (f":{self.port}" if self.port else "")
+
+
+_HOST = re.compile(r"(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
+                   r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]*))"
+                   r"(?::(?P<port>\d{1,5}))?")
+
+
+def parse_host(text: str) -> Host:
+    """``user@device[:port]``, ``device`` (an alias from ~/.ssh/config), ``user@[::1]:2222``."""
+    m = _HOST.fullmatch(text.strip())
+    if not m:
+        raise InputError(f"--host {text!r}: expected user@device[:port] (or a host alias from ~/.ssh/config)")
+    port = int(m["port"]) if m["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        raise InputError(f"--host {text!r}: port {port} is not between 1 and 65535")
+    return Host(m["user"], m["v6"] or m["host"], port)
+
+
+@dataclass
+class SSH:
+    host: Host
+    identity: Path | None = None
+    options: tuple[str, ...] = ()
+    connect_timeout: int = 15
+    echo: Callable[[str], None] | None = None  # shows the device's stderr as it comes
+
+    def command(self, remote: str) -> list[str]:
+        # ssh takes the first value given for an option: the user's -o come before deploykit's defaults
+        cmd = ["ssh"]
+        for option in self.options:
+            cmd += ["-o", option]
+        cmd += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}"]
+        if self.host.port:
+            cmd += ["-p", str(self.host.port)]
+        if self.identity is not None:
+            cmd += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
+        return cmd + ["--", self.host.destination, remote]
+
+    def run(self, remote: str, stdin: bytes | Callable[[object], None] | None = None) -> tuple[int, str, list[str]]:
+        """Run ``remote`` (a POSIX shell command line) on the device: (exit status, stdout, last stderr lines).
+        ``stdin``: bytes, or a function that writes to the pipe (a tar stream)."""
+        try:
+            proc = subprocess.Popen(self.command(remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise InputError("deploykit bench --host runs the OpenSSH client, and `ssh` is not on PATH "
+                             "(apt install openssh-client)") from None
+        tail: deque[str] = deque(maxlen=30)
+        out: list[bytes] = []
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                tail.append(line)
+                if self.echo and line:
+                    self.echo(line)
+
+        def read_stdout() -> None:
+            assert proc.stdout is not None
+            out.append(proc.stdout.read())
+
+        readers = [threading.Thread(target=read_stderr, daemon=True), threading.Thread(target=read_stdout, daemon=True)]
+        for t in readers:
+            t.start()
+        assert proc.stdin is not None
+        try:
+            if callable(stdin):
+                stdin(proc.stdin)
+            elif stdin is not None:
+                proc.stdin.write(stdin)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the far end went away: its exit status and stderr say why
+        finally:
+            try:
+                proc.stdin.close()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        rc = proc.wait()
+        for t in readers:
+            t.join()
+        return rc, b"".join(out).decode(errors="replace"), list(tail)
+
+
+def _remote_dir(text: str) -> str:
+    """A path the remote shell gets quoted; ``~/x`` is taken relative to the login folder (where ssh starts)."""
+    if text in ("~", "~/"):
+        return "."
+    return text[2:] if text.startswith("~/") else text
+
+
+def _quote_python(python: str) -> str:
+    words = shlex.split(python)
+    if not words:
+        raise InputError("--remote-python is empty")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+# run on the device by `python3 -c`: hash what is there of the bundle, name what to send (stdin: {path: sha256})
+_PROBE = """\
+import hashlib, json, platform, sys
+want = json.load(sys.stdin)
+need = []
+for rel, sha in sorted(want.items()):
+    h = hashlib.sha256()
+    try:
+        with open(rel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        need.append(rel)
+        continue
+    if h.hexdigest() != sha:
+        need.append(rel)
+print(json.dumps({"need": need, "python": platform.python_version(), "machine": platform.machine()}))
+"""
+
+
+@dataclass
+class RemoteBench:
+    artifact: Path
+    ssh: SSH
+    backend: str = "tensorrt"
+    remote_dir: str | None = None
+    remote_python: str = "python3"
+    runs: int | None = None
+    warmup: int | None = None
+    say: Callable[[str], None] = print
+
+    def _fail(self, step: str, rc: int, tail: list[str], hint: str = "") -> RemoteError:
+        lines = [x for x in tail if x.strip()]
+        detail = ("\n  " + "\n  ".join(lines[-8:])) if lines else ""
+        if rc == SSH_FAILED:
+            return RemoteError(f"ssh to {self.ssh.host} failed ({step}): exit status 255{detail}\n"
+                               f"check the host, port, user and key: `ssh{' -p ' + str(self.ssh.host.port) if self.ssh.host.port else ''} "
+                               f"{self.ssh.host.destination} true` must log in without a prompt (deploykit runs ssh with "
+                               "BatchMode=yes; a new host key needs an entry in known_hosts, or --ssh-option "
+                               "StrictHostKeyChecking=accept-new)")
+        if rc == 127:
+            hint = hint or f"is `{self.remote_python}` on the device? (--remote-python PATH)"
+        return RemoteError(f"{step} failed on {self.ssh.host} (exit status {rc}){detail}" + (f"\n{hint}" if hint else ""))
+
+    def run(self) -> tuple[dict, dict]:
+        """Copy, build, bench on the device; returns (results, meta) without writing anything locally."""
+        from deploykit.runtime.files import VerifiedArtifact
+
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend {self.backend}: the bundle runs {' or '.join(BACKENDS)}")
+        files = VerifiedArtifact(self.artifact)
+        if not files.has(f"{BUNDLE}/bundle.json"):
+            raise InputError(f"{self.artifact} has no bundle/: build it from a recipe with a Jetson target and a bundle "
+                             "stage (recipes/sd15_jetson.yaml)")
+        bundle = files.folder(BUNDLE)  # every file hashed against the artifact's manifest
+        manifest = json.loads((bundle / "bundle.json").read_text())
+        bundle_sha = hashlib.sha256((bundle / "bundle.json").read_bytes()).hexdigest()
+        want = {**manifest["files"], "bundle.json": bundle_sha}
+        name = manifest.get("recipe") or self.artifact.name
+        where = _remote_dir(self.remote_dir or f"deploykit-bundles/{name}") + f"/{BUNDLE}"
+        d, py = shlex.quote(where), _quote_python(self.remote_python)
+
+        # 1. probe
+        self.say(f"{self.ssh.host}: checking {where} ...")
+        rc, out, tail = self.ssh.run(f"mkdir -p {d} && cd {d} && {py} -c {shlex.quote(_PROBE)}", json.dumps(want).encode())
+        if rc != 0:
+            raise self._fail("connecting and probing the bundle folder", rc, tail)
+        try:
+            probe = json.loads(out.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            raise RemoteError(f"{self.ssh.host}: unexpected answer from the probe: {out[-500:]!r}") from None
+        need = probe["need"]
+
+        # 2. copy what is missing or different, as a tar stream through ssh
+        if need:
+            size = sum((bundle / rel).stat().st_size for rel in need)
+            self.say(f"{self.ssh.host}: copying {len(need)} of {len(want)} files ({size / 2**20:.1f} MiB) to {where}")
+            started = time.perf_counter()
+
+            def send(pipe) -> None:
+                def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    return info
+                with tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    for rel in need:
+                        tar.add(bundle / rel, arcname=rel, recursive=False, filter=clean)
+
+            rc, _, tail = self.ssh.run(f"cd {d} && tar -xf -", send)
+            if rc != 0:
+                raise self._fail("copying the bundle", rc, tail)
+            self.say(f"{self.ssh.host}: copied in {time.perf_counter() - started:.1f} s")
+        else:
+            self.say(f"{self.ssh.host}: the bundle is already there")
+
+        # 3. verify on the device
+        rc, _, tail = self.ssh.run(f"cd {d} && {py} run.py verify")
+        if rc != 0:
+            raise self._fail("verifying the bundle (run.py verify)", rc, tail)
+
+        # 4. build the engines there
+        if self.backend == "tensorrt":
+            self.say(f"{self.ssh.host}: building TensorRT engines (build_engines.sh; engines already built are kept)")
+            rc, _, tail = self.ssh.run(f"cd {d} && PYTHON={py} sh build_engines.sh")
+            if rc != 0:
+                raise self._fail("building the engines (build_engines.sh)", rc, tail,
+                                 "TensorRT on the device: JetPack's python3-libnvinfer (or trtexec); see bundle/README.txt")
+
+        # 5. bench
+        args = (f" --runs {int(self.runs)}" if self.runs is not None else "") + \
+            (f" --warmup {int(self.warmup)}" if self.warmup is not None else "")
+        self.say(f"{self.ssh.host}: run.py bench --backend {self.backend}{args}")
+        rc, out, tail = self.ssh.run(f"cd {d} && {py} run.py bench --backend {self.backend} --out results.json{args} "
+                                     "&& cat results.json")
+        if rc != 0:
+            raise self._fail("the benchmark (run.py bench)", rc, tail)
+        try:
+            results = json.loads(out)
+            for role in ("teacher", "student"):
+                if not results[role]["p50_ms"] > 0:
+                    raise ValueError(f"{role} p50 is {results[role]['p50_ms']}")
+            results["speedup"] = float(results["speedup"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RemoteError(f"{self.ssh.host}: run.py bench did not return usable results ({e}): {out[-300:]!r}") from None
+        if results.get("bundle_sha256") != bundle_sha:
+            raise RemoteError(f"{self.ssh.host}: the results measured another bundle (bundle.json sha256 "
+                              f"{results.get('bundle_sha256')}, expected {bundle_sha})")
+        meta = {"host": str(self.ssh.host), "label": self.ssh.host.label, "backend": self.backend, "remote_dir": where,
+                "python": probe.get("python"), "machine": probe.get("machine"), "bundle_sha256": bundle_sha,
+                "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "estimate": manifest.get("estimate")}
+        return results, meta
+
+
+def store(artifact: Path, results: dict, meta: dict) -> tuple[str, dict]:
+    """Write one device run into the artifact: its folder under remote/, report.json, report.md, the manifest.
+    Returns (report key, report entry). Each file is written atomically; the manifest last."""
+    from deploykit.artifact import REMOTE_DIR, Artifact
+    from deploykit.io import atomic_write_json, atomic_write_text
+    from deploykit.report import remote
+    from deploykit.report.markdown import render
+
+    art = Artifact(artifact)
+    with art.lock():
+        bundle = art.root / BUNDLE / "bundle.json"
+        if not bundle.is_file() or hashlib.sha256(bundle.read_bytes()).hexdigest() != meta["bundle_sha256"]:
+            raise RemoteError(f"{artifact}: the bundle changed while it was being benchmarked (a build ran?); "
+                              "nothing written: run deploykit bench again")
+        report_path = art.root / "report.json"
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{report_path}: cannot read the artifact's report ({e})") from None
+        folder = f"{REMOTE_DIR}/{remote.slug(meta['label'])}/{meta['backend']}"
+        meta = {**meta, "results": f"{folder}/{remote.RESULTS}"}
+        entry = remote.entry(results, meta)
+        name = remote.key(meta)
+        remote.add(report, name, entry, meta.get("estimate"))
+        markdown = render(report)  # before writing: a report that does not render leaves everything as it was
+        atomic_write_json(art.root / folder / remote.RESULTS, results)
+        atomic_write_json(art.root / folder / remote.META, meta)
+        atomic_write_json(report_path, report)
+        atomic_write_text(art.root / "report.md", markdown)
+        art.update_files([f"{folder}/{remote.RESULTS}", f"{folder}/{remote.META}", "report.json", "report.md"])
+    return name, entry

@@ -1,0 +1,132 @@
+"""The device bundle: everything a Jetson needs to build TensorRT engines and time and serve them, without deploykit.
+
+```
+bundle/
+  bundle.json        shapes, engine settings and profiles, the roofline estimate, sha256 of every file
+  README.txt         the commands, on the device and from the workstation
+  run.py             bench (teacher vs student UNet steps) and serve (the student); numpy + tensorrt / onnxruntime
+  build_engines.sh   builds the engines on the device: python3 build_engines.py (TensorRT's Python API or trtexec)
+  build_engines.py   (deploykit/export/bundle_build.py)
+  trt_build.py       (a copy of deploykit/export/tensorrt.py: the engine stage's own builder)
+  onnx/teacher/unet/  onnx/student/unet/                 the graphs to build from (and what onnxruntime-cpu runs)
+  onnx/student/{text_encoder,vae_decoder,tokenizer}/     SD: what serving needs besides the UNet
+  engines/           made on the device by build_engines.sh (engines.json, *.engine, *.log, timing.cache)
+```
+
+``run.py`` and ``build_engines.py`` are modules of this package (``bundle_run.py``, ``bundle_build.py``) so that
+they are linted and type-checked with it; they import nothing from deploykit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from deploykit.io import atomic_write_json, atomic_write_text, sha256_file
+
+HERE = Path(__file__).resolve().parent
+FORMAT = 1
+MANIFEST = "bundle.json"
+# bundle file name -> source in this package
+SCRIPTS = {"run.py": HERE / "bundle_run.py", "build_engines.py": HERE / "bundle_build.py", "trt_build.py": HERE / "tensorrt.py"}
+BUILD_SH = """\
+#!/bin/sh
+# Build this bundle's TensorRT engines on this device, with its own TensorRT (see README.txt).
+# Options go to build_engines.py: --force, --only COMPONENT, --trtexec, --dry-run, --workspace-gb N.
+set -eu
+cd "$(dirname "$0")"
+exec "${PYTHON:-python3}" build_engines.py "$@"
+"""
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link where the file system allows it (a bundle repeats multi-GB graphs the export stage holds;
+    artifact files are only ever replaced, never written in place), else a copy."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every file under ``src`` into ``dst`` (linked where possible); returns the relative paths."""
+    copied = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_file() and rel.parts[0] not in skip and not any(p.startswith(".") for p in rel.parts):
+            link_or_copy(path, dst / rel)
+            copied.append(rel.as_posix())
+    return copied
+
+
+def write_scripts(out: Path) -> None:
+    for name, src in SCRIPTS.items():
+        shutil.copyfile(src, out / name)
+        (out / name).chmod(0o755 if name in ("run.py", "build_engines.py") else 0o644)
+    atomic_write_text(out / "build_engines.sh", BUILD_SH)
+    (out / "build_engines.sh").chmod(0o755)
+
+
+def readme(manifest: dict) -> str:
+    components = "\n".join(f"  {c}: {s['onnx']} ({'int8' if s['int8'] else 'fp16'}{', 2:4 sparse weights' if s['sparse'] else ''})"
+                           for c, s in manifest["components"].items())
+    serve = ("  python3 run.py serve --port 8000            # the student: POST /generate {\"prompt\": \"...\"} -> PNG\n"
+             "  curl -s localhost:8000/generate -d '{\"prompt\": \"a red bicycle\", \"steps\": 20, \"seed\": 0}' -o out.png\n"
+             if manifest["kind"] == "pixel" or manifest.get("pipeline") else
+             "  (this bundle ships the UNets only: it benchmarks, it does not serve)\n")
+    est = manifest.get("estimate") or {}
+    estimate = (f"Roofline estimate on the {manifest['target']} ({est['device']['name']}, {est['precision']}): teacher "
+                f"{est['teacher']['ms']:.1f} ms, student {est['student']['ms']:.1f} ms per UNet call "
+                f"({est['speedup']:.2f}x).\n\n" if est else "")
+    return f"""deploykit device bundle: {manifest['recipe']} (target {manifest['target']}, deploykit {manifest['deploykit']})
+
+The dense teacher's and the pruned student's UNets as ONNX, a script that builds TensorRT engines on this
+device with its own TensorRT, and run.py, which times them and serves the student. Nothing here needs
+deploykit. On a Jetson (JetPack 6: TensorRT 10, Python 3.10):
+
+  sudo apt install python3-libnvinfer python3-numpy     # TensorRT's Python bindings (JetPack has them)
+  pip3 install torch  (JetPack's wheel, https://pypi.jetson-ai-lab.dev/jp6/cu126: run.py keeps GPU buffers in torch)
+
+  python3 run.py verify                        # every file against bundle.json
+  sh build_engines.sh                          # engines/: fp16, 2:4 sparse where the model has masks, timing cache
+  python3 run.py bench --backend tensorrt --out results.json
+{serve}
+Without TensorRT (any machine with numpy and onnxruntime; the CPU stand-in):
+
+  python3 run.py bench --backend onnxruntime-cpu --out results.json
+
+From the workstation, `deploykit bench ARTIFACT --host user@device` copies this folder over SSH, runs the two
+steps above and brings results.json back into the artifact's report.
+
+bench: UNet input {'x'.join(map(str, manifest['bench']['inputs'][0]['shape']))}, teacher and student interleaved
+(A B, B A, ...) on the same inputs after {manifest['bench']['warmup']} warm-up pairs, {manifest['bench']['runs']} timed pairs;
+p50 / p90 per model, speedup = teacher p50 / student p50, and the median of per-pair ratios.
+
+{estimate}Engines (optimization profiles in bundle.json; engines named <board or GPU>_trt<version>_<precision>):
+{components}
+"""
+
+
+def finish(out: Path, manifest: dict) -> dict:
+    """Hash every file, write bundle.json and README.txt; returns the manifest as written."""
+    write_scripts(out)
+    atomic_write_text(out / "README.txt", readme(manifest))
+    files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not any(x.startswith(".") for x in p.relative_to(out).parts)}
+    manifest = {**manifest, "files": files}
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_sha256(bundle_dir: Path) -> str:
+    """What identifies a bundle's content: the sha256 of its bundle.json (which lists every other file's)."""
+    return hashlib.sha256((Path(bundle_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> dict:
+    return json.loads((Path(bundle_dir) / MANIFEST).read_text())
