@@ -24,6 +24,8 @@ def _cmd_build(args) -> int:
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("artifacts") / recipe.name
     report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights)
+    if report is None:  # a non-main process of `accelerate launch`: the main process reports
+        return 0
     speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
     console.print(f"[green]built {out}[/]" + (f": speedup {speedups}" if speedups else ""))
     if "macs_ratio" in report:

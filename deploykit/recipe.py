@@ -75,25 +75,57 @@ class SparsifyStage(_Strict):
 
 
 class DistillStage(_Strict):
-    """Recovery fine-tuning: denoising loss plus output KD against the dense teacher."""
+    """Recovery fine-tuning against the dense teacher: DaKD's loss terms, each with a weight (0 turns it off).
+
+    The defaults are denoising + output KD. Runs in one process inside ``deploykit build``, or over
+    several processes / GPUs / machines when the build is started with ``accelerate launch`` (DDP).
+    """
 
     stage: Literal["distill"] = "distill"
     steps: int = Field(300, ge=1, le=10_000_000)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="samples per optimizer step, over all processes and "
+                                                           "accumulation steps")
     lr: float = Field(5e-4, gt=0, lt=1)
     warmup_steps: int = Field(20, ge=0)
-    denoise_weight: float = Field(1.0, ge=0)
-    output_kd_weight: float = Field(1.0, ge=0)
+    denoise_weight: float = Field(1.0, ge=0, description="||eps_student - eps||^2 (Diff-Pruning's recovery)")
+    output_kd_weight: float = Field(1.0, ge=0, description="||eps_student - eps_teacher||^2")
+    feature_kd_weight: float = Field(0.0, ge=0, description="block outputs, ||f_s - f_t||^2 / ||f_t||^2 (LAPTOP-Diff)")
+    attention_kd_weight: float = Field(0.0, ge=0, description="attention outputs, normalised like feature KD")
+    distribution_kd_weight: float = Field(0.0, ge=0, description="tau^2 KL(softmax(eps_t / tau) || softmax(eps_s / tau)) "
+                                                                  "over spatial positions")
+    distribution_temperature: float = Field(1.0, gt=0, le=100, description="tau of the distribution term")
+    adversarial_weight: float = Field(0.0, ge=0, description="hinge GAN term of a small discriminator on the noise "
+                                                             "prediction")
+    adversarial_warmup: int = Field(100, ge=0, description="steps before the discriminator and its term start")
+    discriminator_lr: float = Field(2e-4, gt=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs (needs target cuda)")
+    gradient_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the student's weights, saved as the result (0 = off)")
     checkpoint_every: int = Field(50, ge=1)
     mask_mode: Literal["fixed", "sr-ste"] = Field(
         "fixed", description="a 2:4 student's masks: fixed (re-applied after every step) or sr-ste (re-chosen every step "
                              "from the dense weights, straight-through gradients, decay on the pruned weights)")
     sr_ste_decay: float = Field(2e-4, ge=0, lt=1, description="sr-ste: lambda of the decay on masked-out weights")
+    prompts: str | None = Field(None, min_length=1, description="Stable Diffusion teachers: a text file of prompts, one "
+                                                                "per line (relative to the recipe)")
+    teacher_samples: int = Field(512, ge=1, le=1_000_000,
+                                 description="teachers without a data set (SD, local folders): samples the teacher "
+                                             "generates as training data (SD: cycled over the prompts)")
+    teacher_sample_steps: int = Field(25, ge=1, le=1000, description="DDIM steps per generated sample")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="SD: classifier-free guidance of the generated samples")
 
     @model_validator(mode="after")
-    def _some_loss(self):
-        if self.denoise_weight == 0 and self.output_kd_weight == 0:
-            raise ValueError("denoise_weight and output_kd_weight are both 0: nothing to train on")
+    def _consistent(self):
+        weights = [self.denoise_weight, self.output_kd_weight, self.feature_kd_weight, self.attention_kd_weight,
+                   self.distribution_kd_weight, self.adversarial_weight]
+        if not any(weights):
+            raise ValueError("every loss weight is 0 (denoise_weight, output_kd_weight, ...): nothing to train on")
+        if self.batch_size % self.gradient_accumulation:
+            raise ValueError(f"batch_size {self.batch_size} does not split into gradient_accumulation "
+                             f"{self.gradient_accumulation} equal micro-batches")
+        if self.adversarial_weight > 0 and self.adversarial_warmup >= self.steps:
+            raise ValueError(f"adversarial_warmup {self.adversarial_warmup} >= steps {self.steps}: the adversarial term "
+                             "would never start")
         return self
 
 
@@ -367,6 +399,10 @@ class Recipe(_Strict):
         quantize = self.stage("quantize")
         if quantize is not None and quantize.max_quality_loss is not None and self.stage("eval") is None:
             raise ValueError("stages: quantize.max_quality_loss is checked on the eval stage's figures: add an eval stage")
+        distill = self.stage("distill")
+        if distill is not None and distill.mixed_precision != "no" and self.target == "cpu":
+            raise ValueError(f"stages: distill.mixed_precision {distill.mixed_precision} needs target cuda (on a CPU "
+                             "training runs in fp32)")
         if self.stage("engine") is not None and self.target == "cpu":
             raise ValueError("stages: engine builds TensorRT engines, which run on target cuda, not cpu")
         return self

@@ -3,6 +3,11 @@
 A stage is skipped when a folder with its key exists and its files still match their recorded
 hashes; an interrupted stage left only a ``.tmp-*`` folder (removed on the next run) and, for long
 stages, checkpoints in its work folder, from which it resumes.
+
+Started by ``accelerate launch`` / ``torchrun`` with several processes, the main process runs the
+build as usual and the others follow it up to the last distributed stage (distill): they wait at a
+barrier after each stage, take its output from the cache, and run the distributed stages beside the
+main process (DDP), writing nothing. See :mod:`deploykit.distributed`.
 """
 
 from __future__ import annotations
@@ -11,14 +16,17 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from deploykit.artifact import Artifact, seal_stage, verify_stage
-from deploykit.errors import InputError
+from deploykit.artifact import FILES_JSON, Artifact, digest, seal_stage, verify_stage
+from deploykit.distributed import launched, process_state
+from deploykit.errors import DeployKitError, InputError
+from deploykit.io import sha256_file
 from deploykit.models.teacher import check_teacher_spec, random_weights_spec, teacher_kind
 from deploykit.recipe import Recipe
 from deploykit.stages import STAGES, StageContext
@@ -47,7 +55,10 @@ class Runner:
         self.recipe = recipe
         self.recipe_path = Path(recipe_path)
         self.artifact = Artifact(out)
-        self.console = console or Console(stderr=True)
+        self.state = process_state() if launched() else None
+        self.is_main = self.state is None or self.state.is_main_process
+        # the main process speaks for all of them
+        self.console = (console or Console(stderr=True)) if self.is_main else Console(stderr=True, quiet=True)
 
     def _stage_list(self) -> list[tuple[str, object]]:
         teacher_cfg = {"teacher": self.recipe.teacher, "resolution": self.recipe.resolution}
@@ -56,12 +67,20 @@ class Runner:
                   for s in self.recipe.stages]
         return [("teacher", teacher_cfg)] + [(s.stage, s) for s in stages]
 
-    def build(self) -> dict:
+    def build(self) -> dict | None:
         # Everything that can be checked before writing is checked before writing.
         check_teacher_spec(self.recipe.teacher, self.recipe_path.parent)
         self._check_stages_fit_teacher(teacher_kind(self.recipe.teacher, self.recipe_path.parent))
         teacher_source = source_digest(self.recipe.teacher, self.recipe_path.parent)
+        if not self.is_main:
+            self._follow(teacher_source)
+            return None
         self.artifact.check_writable()
+        shared = self._last_distributed_stage()
+        if self.state is not None:
+            self.console.print(f"{self.state.num_processes} processes: "
+                               + ("distill runs on all of them, every other stage on this one" if shared >= 0
+                                  else "no stage of this recipe trains in parallel; the others have nothing to do"))
         with self.artifact.lock():
             removed = self.artifact.clean_partial()
             if removed:
@@ -70,7 +89,42 @@ class Runner:
             records: list[StageRecord] = []
             for index, (name, config) in enumerate(self._stage_list()):
                 records.append(self._run_stage(index, name, config, roles, teacher_source))
+                if index <= shared:
+                    self.state.wait_for_everyone()  # the followers take this stage from the cache now
             return self._finalize(records, roles)
+
+    def _last_distributed_stage(self) -> int:
+        """Index of the last stage the other processes join; -1 in one process or without such a stage."""
+        if self.state is None:
+            return -1
+        return max((i for i, (name, _) in enumerate(self._stage_list()) if STAGES[name].distributed), default=-1)
+
+    def _agree_to_run(self, run: bool | None = None) -> bool:
+        """The main process tells the others whether it runs a distributed stage (or takes it from the cache)."""
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([run], from_process=0)[0])
+
+    def _follow(self, teacher_source: str) -> None:
+        """A non-main process: run the distributed stages beside the main one, take every other stage's output
+        from the cache once the main process has written it, and stop after the last distributed stage."""
+        roles: dict[str, tuple[Path, str]] = {}
+        for index, (name, config) in enumerate(self._stage_list()[:self._last_distributed_stage() + 1]):
+            spec, inputs, key, final = self._resolve(index, name, config, roles, teacher_source)
+            if spec.distributed and self._agree_to_run():  # the main process decides: a cached stage is not run
+                with tempfile.TemporaryDirectory(prefix=f"deploykit-{name}-rank{self.state.process_index}-") as scratch:
+                    ctx = StageContext(config=config, inputs={r: p for r, (p, _) in inputs.items()}, out=Path(scratch),
+                                       work=self.artifact.work_dir(name, key), seed=self.recipe.seed, console=self.console,
+                                       recipe_dir=self.recipe_path.parent)
+                    spec.run(ctx)
+            self.state.wait_for_everyone()
+            listing = final / FILES_JSON
+            if not listing.is_file():
+                raise DeployKitError(f"process {self.state.process_index}: stage {name} is not in the cache after the main "
+                                     f"process ran it ({final}); is --out on a file system every machine shares?")
+            stage_digest = digest(json.loads(listing.read_text()))  # the main process has just verified or written it
+            for role, sub in spec.writes.items():
+                roles[role] = ((final / sub).resolve() if sub != "." else final, stage_digest)
 
     def _check_stages_fit_teacher(self, kind: str) -> None:
         where = f"{self.recipe_path}: stages"
@@ -97,10 +151,19 @@ class Runner:
             if reason is not None:
                 raise InputError(f"{where}: the engine stage builds TensorRT engines here, and it cannot: {reason}; "
                                  "or remove the engine stage")
+        distill = self.recipe.stage("distill")
+        if distill is not None:
+            if kind == "pipeline" and distill.prompts is None:
+                raise InputError(f"{where}: distill.prompts: Stable Diffusion teachers are distilled on prompts; name a text "
+                                 "file with one prompt per line (relative to the recipe)")
+            if kind != "pipeline" and distill.prompts is not None:
+                raise InputError(f"{where}: distill.prompts is for Stable Diffusion teachers; {self.recipe.teacher} is a "
+                                 "pixel-space UNet, which recovers on its data set or its own samples")
+            if distill.prompts is not None:
+                from deploykit.stages.data import read_prompts
+
+                read_prompts(self._recipe_file(distill.prompts))
         if kind == "pipeline":
-            if self.recipe.stage("distill") is not None:
-                raise InputError(f"{where}: distill of Stable Diffusion UNets is not implemented yet (it needs prompt "
-                                 "data; see the DaKD issue); remove the distill stage")
             from deploykit.prune import get_criterion
 
             prune = self.recipe.stage("prune")
@@ -114,7 +177,15 @@ class Runner:
                 raise InputError(f"{where}: bench.end_to_end times SD pipelines; teacher {self.recipe.teacher} is a "
                                  "pixel-space UNet")
 
-    def _run_stage(self, index: int, name: str, config, roles: dict, teacher_source: str) -> StageRecord:
+    def _recipe_values(self, spec) -> dict:
+        """The recipe fields (``target``, ``name``) a stage reads besides its own config."""
+        return {f: getattr(self.recipe, f) for f in spec.recipe_fields}
+
+    def _recipe_file(self, value: str) -> Path:
+        return self.recipe_path.parent / value
+
+    def _resolve(self, index: int, name: str, config, roles: dict, teacher_source: str):
+        """(spec, inputs, key, final folder) of a stage, given the roles of the stages before it."""
         spec = STAGES[name]
         missing = [r for r in spec.reads if r not in roles]
         if missing:
@@ -122,14 +193,21 @@ class Runner:
         inputs = {r: roles[r] for r in spec.reads + spec.optional_reads if r in roles}
         config_dict = config.model_dump() if hasattr(config, "model_dump") else dict(config)
         config_dict = {k: v for k, v in config_dict.items() if k not in spec.key_ignores}
-        recipe_values = {f: getattr(self.recipe, f) for f in spec.recipe_fields}
+        recipe_values = self._recipe_values(spec)
         if recipe_values:
             config_dict["recipe"] = recipe_values
         input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()}
         if name == "teacher":
             input_digests["source"] = teacher_source
+        for field_name in spec.file_fields:  # an edited prompt file is a new input
+            value = config_dict.get(field_name)
+            if value is not None:
+                input_digests[f"file:{field_name}"] = sha256_file(self._recipe_file(value))
         key = stage_key(name, spec.version, config_dict, self.recipe.seed, input_digests)
-        final = self.artifact.stage_dir(index, name, key)
+        return spec, inputs, key, self.artifact.stage_dir(index, name, key)
+
+    def _run_stage(self, index: int, name: str, config, roles: dict, teacher_source: str) -> StageRecord:
+        spec, inputs, key, final = self._resolve(index, name, config, roles, teacher_source)
         started = time.perf_counter()
         digest = None
         if final.is_dir():
@@ -139,13 +217,15 @@ class Runner:
                 shutil.rmtree(final)
                 digest = None
         reused = digest is not None
+        if spec.distributed and self.state is not None:
+            self._agree_to_run(not reused)
         summary: dict = {}
         if reused:
             self.console.print(f"[dim]{name}: up to date ({final.name})[/]")
         else:
             self.console.print(f"[bold]{name}[/]")
             summary, digest = self._execute(spec, index, name, key, config, {r: p for r, (p, _) in inputs.items()}, final,
-                                            recipe_values)
+                                            self._recipe_values(spec))
         for role, sub in spec.writes.items():
             roles[role] = ((final / sub).resolve() if sub != "." else final, digest)
         return StageRecord(name, key, final.name, digest, reused, round(time.perf_counter() - started, 2), summary)
@@ -200,8 +280,10 @@ class Runner:
 
 
 def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,
-          random_weights: bool = False) -> dict:
-    """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only)."""
+          random_weights: bool = False) -> dict | None:
+    """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only).
+
+    Returns the report; None in the non-main processes of a launched build."""
     if random_weights:
         recipe = recipe.model_copy(update={"teacher": random_weights_spec(recipe.teacher, recipe.topology)})
     return Runner(recipe, recipe_path, out, console).build()

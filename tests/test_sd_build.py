@@ -119,7 +119,7 @@ def test_tiny_sdxl_prunes_exports_and_benches(tmp_path):
 @pytest.mark.parametrize("teacher, extra, stages, message", [
     ("hf:example/unknown", "", "", "no topology known"),
     ("random:sd99", "", "", "unknown topology"),
-    ("random:tiny-sd", "", "  - stage: distill\n    steps: 2\n", "not implemented yet"),
+    ("random:tiny-sd", "", "  - stage: distill\n    steps: 2\n", "Stable Diffusion teachers are distilled on prompts"),
     ("random:tiny-sd", "", "  - stage: prune\n", "appears twice"),
 ])
 def test_bad_sd_input_exits_2_and_writes_nothing(tmp_path, teacher, extra, stages, message):

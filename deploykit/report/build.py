@@ -86,8 +86,13 @@ def assemble(recipe: Recipe, roles: dict[str, Path]) -> dict:
             report["sparsity"]["torch_cuda"] = {k: bench["semi_structured"][k] for k in ("backend", "dtype", "converted", "skipped")}
     if distill:
         last = distill["losses"][-min(50, len(distill["losses"])):]
-        report["distill"] = {"steps": distill["config"]["steps"],
-                             "final_loss": sum(r["loss"] for r in last) / len(last)}
+        config = distill["config"]
+        report["distill"] = {"steps": config["steps"], "final_loss": sum(r["loss"] for r in last) / len(last),
+                             "weights": {k.removesuffix("_weight"): v for k, v in config.items()
+                                         if k.endswith("_weight") and v},
+                             "final_terms": {k: sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last))
+                                             for k in dict.fromkeys(k for r in last for k in r) if k not in ("step", "loss")},
+                             "ema_decay": config.get("ema_decay", 0.0), "processes": distill.get("processes", 1)}
     if export:
         report["export"] = {role: v["check"] for role, v in export.items()}
     if engines:

@@ -97,7 +97,12 @@ def render(report: dict) -> str:
             line += f"; torch-cuda ran {cuda['converted']} layers on {cuda['backend']} ({cuda['dtype']})"
         lines.append(line + ".")
     if "distill" in report:
-        lines.append(f"Recovery: {report['distill']['steps']} steps, final loss {report['distill']['final_loss']:.4f}.")
+        d = report["distill"]
+        terms = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in d.get("weights", {}).items())
+        lines.append(f"Recovery: {d['steps']} steps" + (f" ({terms})" if terms else "")
+                     + (f", EMA {d['ema_decay']:g}" if d.get("ema_decay") else "")
+                     + (f", {d['processes']} processes" if d.get("processes", 1) > 1 else "")
+                     + f", final loss {d['final_loss']:.4f}.")
     if report.get("eval", {}).get("skipped"):
         lines.append(f"Quality not measured: {report['eval']['skipped']}.")
     elif report.get("teacher_kind", "pixel") != "pixel" and "eval" in report:

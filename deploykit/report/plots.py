@@ -42,18 +42,31 @@ def latency_bars(path: Path, bench: dict) -> None:
     _save(fig, path)
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+# The hinge GAN terms go negative (the student's) or hover near 2 (the critic's): a linear axis of their own.
+ADVERSARIAL_TERMS = ("adversarial", "discriminator")
+
+
 def loss_curve(path: Path, losses: list[dict]) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    steps = [r["step"] for r in losses]
-    for key in [k for k in losses[0] if k != "step"]:
-        values = [r[key] for r in losses]
-        window = max(1, len(values) // 40)
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                  for i in range(len(values))]
-        ax.plot(steps, smooth, label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (moving average)")
-    ax.set_title("recovery fine-tuning", fontsize=9)
-    ax.legend(fontsize=8)
+    """One line per loss term (moving average, log y); the adversarial terms, when present, on a second panel."""
+    keys = list(dict.fromkeys(k for r in losses for k in r if k != "step"))  # every term, in first-seen order
+    adversarial = [k for k in keys if k in ADVERSARIAL_TERMS]
+    fig, axes = plt.subplots(1, 2 if adversarial else 1, figsize=(10.5 if adversarial else 6, 3.4), squeeze=False)
+    for ax, group, log in ((axes[0][0], [k for k in keys if k not in ADVERSARIAL_TERMS], True),
+                           *(((axes[0][1], adversarial, False),) if adversarial else ())):
+        for key in group:
+            rows = [r for r in losses if key in r]  # the adversarial terms start after their warm-up
+            window = max(1, len(rows) // 40)
+            ax.plot([r["step"] for r in rows], _moving_average([r[key] for r in rows], window), label=key)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (moving average)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_title("recovery fine-tuning", fontsize=9)
+    if adversarial:
+        axes[0][1].set_title("adversarial terms (hinge)", fontsize=9)
     _save(fig, path)

@@ -48,6 +48,9 @@ class StageSpec:
 
     ``version`` is part of the cache key: bump it when the stage's outputs change meaning. ``key_ignores``
     names config fields left out of the key (settings checked after the stage, such as a quality gate).
+    ``file_fields`` name config fields that are paths of input files (relative to the recipe): their
+    content is part of the key. A ``distributed`` stage runs on every process of a launched build
+    (``accelerate launch``); the others run on the main process only.
     """
 
     name: str
@@ -60,3 +63,5 @@ class StageSpec:
     # recipe fields (``target``, ``name``) the stage reads besides its own config: given in ``ctx.recipe`` and
     # part of its cache key
     recipe_fields: tuple[str, ...] = field(default_factory=tuple)
+    file_fields: tuple[str, ...] = field(default_factory=tuple)
+    distributed: bool = False

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from deploykit.errors import InputError
 from deploykit.eval.features import DigitsClassifier
 from deploykit.io import load_tensors
 
@@ -35,6 +36,25 @@ def feature_extractor(teacher_dir: Path) -> DigitsClassifier | None:
     model = DigitsClassifier()
     model.load_state_dict(load_tensors(path))
     return model.eval()
+
+
+MAX_PROMPTS = 1_000_000
+
+
+def read_prompts(path: Path) -> list[str]:
+    """A prompt file: one prompt per line, blank lines skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"prompt file {path} cannot be read as UTF-8 text: {e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} has no prompts (one per line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise InputError(f"prompt file {path} has {len(prompts)} prompts; at most {MAX_PROMPTS} are read")
+    return prompts
 
 
 def is_pipeline(meta: dict) -> bool:

@@ -1,65 +1,175 @@
-"""distill: recovery fine-tuning of the pruned student against the dense teacher.
+"""distill: DaKD recovery of the pruned student against the dense teacher.
 
-A 2:4 student (masks beside its weights, from sparsify) leaves this stage 2:4, with its masks
-(re-chosen under ``mask_mode: sr-ste``) written beside the recovered weights.
+The data never comes from outside: a zoo teacher brings its own training set; a Stable Diffusion
+teacher is distilled on a prompt file: the teacher generates latents from the prompts, those are
+noised, and its own predictions on them are the targets (the text embeddings of each prompt, and
+the empty prompt's for one row in ten, go with them); any other teacher recovers on its own samples.
+Generated samples are kept in the stage's work folder, so a resumed run does not generate them again.
+
+In one process inside ``deploykit build``; under ``accelerate launch`` every process runs this stage
+(DDP, :mod:`deploykit.distill.trainer`), the main process first generates the data, and only it
+writes. A 2:4 student (masks beside its weights, from sparsify) leaves this stage 2:4, with its
+masks (re-chosen under ``mask_mode: sr-ste``) written beside the recovered weights.
 """
 
 from __future__ import annotations
 
-import json
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from deploykit.distill import RecoveryConfig, recover
-from deploykit.io import atomic_write_json
+from deploykit.distill import Batch, DistillTrainer, RecoveryConfig
+from deploykit.distill.checkpoint import Checkpoint
+from deploykit.distill.trainer import make_accelerator
+from deploykit.errors import InputError
+from deploykit.io import atomic_write_json, load_tensors, save_tensors
 from deploykit.models import load_model, save_model
-from deploykit.runtime import make_scheduler, sample_batched
+from deploykit.runtime import make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.sparsity import MASKS_FILE, load_masks, save_masks
 from deploykit.stages.base import StageContext, StageSpec
-from deploykit.stages.data import noise_scheduler, teacher_meta, training_images
+from deploykit.stages.data import is_pipeline, load_teacher_pipeline, noise_scheduler, read_prompts, teacher_meta, training_images
+
+SAMPLES_FILE = "teacher_samples.safetensors"
+# Stable Diffusion is trained with 10% of its captions dropped so that classifier-free guidance has an
+# unconditional prediction to push against; the student needs one as well.
+UNCOND_SHARE = 0.1
+PROMPT_BATCH = 8  # prompts per generation call (x2 UNet rows under guidance)
 
 
-def _data(ctx: StageContext, meta: dict, teacher: torch.nn.Module) -> torch.Tensor:
-    images = training_images(meta)
-    if images is not None:
-        return images
-    # No data set known: the teacher's own samples are the data (data-free recovery).
-    ctx.console.print("  no data set known for this teacher: recovering on 512 of its own samples")
-    gen = torch.Generator().manual_seed(ctx.seed)
-    noise = torch.randn(512, *meta["sample_shape"], generator=gen)
+def _cached(ctx: StageContext, make: Callable[[], dict[str, torch.Tensor]], is_main: bool) -> dict[str, torch.Tensor]:
+    """Tensors kept in the work folder (our own file, read as safetensors): made once, by the main process."""
+    path = ctx.work / SAMPLES_FILE
+    if path.is_file():
+        return load_tensors(path)
+    tensors = make()
+    if is_main:
+        save_tensors(path, tensors)
+    return tensors
+
+
+def _own_samples(ctx: StageContext, meta: dict, teacher: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    cfg = ctx.config
+    ctx.console.print(f"  no data set known for this teacher: recovering on {cfg.teacher_samples} of its own samples")
+    noise = torch.randn(cfg.teacher_samples, *meta["sample_shape"], generator=torch.Generator().manual_seed(ctx.seed))
+    model = teacher.to(device)
     with torch.no_grad():
-        return sample_batched(lambda x, t: teacher(x, t).sample, make_scheduler("ddim", meta["scheduler_config"]),
-                              noise, steps=25, batch_size=128)
+        images = sample_batched(lambda x, t: model(x.to(device), t.to(device)).sample.cpu(),
+                                make_scheduler("ddim", meta["scheduler_config"]), noise, steps=cfg.teacher_sample_steps,
+                                batch_size=128)
+    teacher.to("cpu")
+    return images
+
+
+def _encode(pipe, prompts: list[str], side: int, device: torch.device) -> tuple[dict[str, torch.Tensor],
+                                                                              dict[str, torch.Tensor]]:
+    """The UNet's conditioning for each prompt and for the empty prompt, as the pipeline itself makes them."""
+    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1][:1]}
+    if len(out) == 4:  # SDXL: pooled text embeddings and the size / crop ids, as its pipeline makes them
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device)
+        cond.update(text_embeds=out[2], time_ids=time_ids.expand(len(prompts), 6))
+        uncond.update(text_embeds=out[3][:1], time_ids=time_ids)
+    return ({k: v.float().cpu() for k, v in cond.items()}, {k: v.float().cpu() for k, v in uncond.items()})
+
+
+def _prompt_samples(ctx: StageContext, meta: dict, teacher: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """Latents the SD teacher generates from the prompt file, with each one's conditioning."""
+    cfg = ctx.config
+    prompts = read_prompts(Path(ctx.recipe_dir or ".") / cfg.prompts)
+    chosen = [prompts[i % len(prompts)] for i in range(cfg.teacher_samples)]
+    ctx.console.print(f"  generating {len(chosen)} teacher samples from {len(prompts)} prompts "
+                      f"({cfg.teacher_sample_steps} DDIM steps, guidance {cfg.guidance_scale})")
+    pipe = load_teacher_pipeline(ctx.inputs["teacher"], teacher).to(device)
+    pipe.scheduler = make_pipeline_scheduler("ddim", dict(pipe.scheduler.config))
+    latents, conds, uncond = [], [], {}
+    with torch.no_grad(), ctx.progress("generating teacher samples", len(chosen)) as advance:
+        for start in range(0, len(chosen), PROMPT_BATCH):
+            batch = chosen[start:start + PROMPT_BATCH]
+            gens = [torch.Generator().manual_seed(ctx.seed + start + i) for i in range(len(batch))]
+            out = pipe(prompt=batch, num_inference_steps=cfg.teacher_sample_steps, guidance_scale=cfg.guidance_scale,
+                       height=meta["resolution"], width=meta["resolution"], generator=gens, output_type="latent")
+            latents.append(out.images.float().cpu())
+            cond, uncond = _encode(pipe, batch, meta["resolution"], device)
+            conds.append(cond)
+            advance(len(batch))
+    teacher.to("cpu")
+    tensors = {"sample": torch.cat(latents)}
+    tensors.update({f"cond.{k}": torch.cat([c[k] for c in conds]) for k in conds[0]})
+    tensors.update({f"uncond.{k}": v for k, v in uncond.items()})
+    return tensors
+
+
+def _prompt_batches(tensors: dict[str, torch.Tensor], batch_size: int):
+    samples = tensors["sample"]
+    cond = {k.removeprefix("cond."): v for k, v in tensors.items() if k.startswith("cond.")}
+    uncond = {k.removeprefix("uncond."): v for k, v in tensors.items() if k.startswith("uncond.")}
+
+    def batches(step: int, gen: torch.Generator) -> Batch:
+        idx = torch.randint(0, len(samples), (batch_size,), generator=gen)
+        drop = torch.rand(batch_size, generator=gen) < UNCOND_SHARE
+        rows = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[k], v[idx]) for k, v in cond.items()}
+        return Batch(samples[idx], rows)
+
+    return batches
+
+
+def _batches(ctx: StageContext, meta: dict, teacher: torch.nn.Module, accelerator):
+    cfg = ctx.config
+    if is_pipeline(meta):
+        tensors = _cached(ctx, lambda: _prompt_samples(ctx, meta, teacher, accelerator.device), accelerator.is_main_process)
+        return _prompt_batches(tensors, cfg.batch_size)
+    images = training_images(meta)
+    if images is None:
+        images = _cached(ctx, lambda: {"sample": _own_samples(ctx, meta, teacher, accelerator.device)},
+                         accelerator.is_main_process)["sample"]
+
+    def batches(step: int, gen: torch.Generator) -> torch.Tensor:
+        return images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
+
+    return batches
+
+
+def _info(record: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
 
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.config
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation)
+    main = accelerator.is_main_process
+    shards = accelerator.num_processes * cfg.gradient_accumulation
+    if cfg.batch_size % shards:
+        raise InputError(f"distill.batch_size {cfg.batch_size} does not split into {accelerator.num_processes} processes x "
+                         f"gradient_accumulation {cfg.gradient_accumulation}; make it a multiple of {shards}")
     meta = teacher_meta(ctx.inputs["teacher"])
     teacher = load_model(ctx.inputs["teacher"] / "model")
     student = load_model(ctx.inputs["student"] / "model")
     masks = load_masks(ctx.inputs["student"] / "model") if (ctx.inputs["student"] / "model" / MASKS_FILE).is_file() else None
     chosen = {k: v.clone() for k, v in masks.items()} if masks else None
-    images = _data(ctx, meta, teacher)
+    with accelerator.main_process_first():  # the main process generates (and keeps) any data first
+        batches = _batches(ctx, meta, teacher, accelerator)
 
-    def batches(step: int, gen: torch.Generator) -> torch.Tensor:
-        return images[torch.randint(0, len(images), (cfg.batch_size,), generator=gen)]
-
-    config = RecoveryConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                            denoise_weight=cfg.denoise_weight, output_kd_weight=cfg.output_kd_weight,
-                            checkpoint_every=cfg.checkpoint_every, seed=ctx.seed, mask_mode=cfg.mask_mode,
-                            sr_ste_decay=cfg.sr_ste_decay)
-    checkpoints = ctx.work / "checkpoints"
-    if (checkpoints / "checkpoint.json").is_file():
-        step = json.loads((checkpoints / "checkpoint.json").read_text())["step"]
-        ctx.console.print(f"  resuming from the checkpoint at step {step}")
-    with ctx.progress("recovering student", cfg.steps) as advance:
+    config = RecoveryConfig.from_fields(cfg, seed=ctx.seed)
+    checkpoints = Checkpoint(ctx.work / "checkpoints")
+    if checkpoints.exists():
+        ctx.console.print(f"  resuming from the checkpoint at step {checkpoints.step()}")
+    if accelerator.num_processes > 1:
+        ctx.console.print(f"  {accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
+                          f"{cfg.batch_size // shards} samples each per micro-step")
+    started = time.perf_counter()
+    with ctx.progress("recovering student", cfg.steps - checkpoints.step()) as advance:
         # a resumed run starts part-way: the bar counts from the checkpoint
-        student, losses = recover(
-            student, teacher, noise_scheduler(meta), batches, config, checkpoint_dir=checkpoints,
-            on_step=lambda step, rec: advance(info=" ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step")),
-            masks=masks)
+        trainer = DistillTrainer(student, teacher, noise_scheduler(meta), batches, config, checkpoint_dir=checkpoints.folder,
+                                 on_step=lambda step, rec: advance(info=_info(rec)), masks=masks, accelerator=accelerator)
+        student, losses = trainer.train()
+    if not main:
+        return {}
     save_model(student, ctx.out / "model")
-    record = {"config": config.__dict__, "losses": losses}
+    # seconds: this run's training time (a resumed run counts from its checkpoint)
+    record = {"config": config.__dict__, "losses": losses, "processes": accelerator.num_processes,
+              "replica_digests": trainer.replica_digests, "seconds": round(time.perf_counter() - started, 1)}
     if masks:
         save_masks(ctx.out / "model", masks, metadata={"mask_mode": cfg.mask_mode})
         changed = sum(int((masks[k] != chosen[k]).sum()) for k in masks) / sum(m.numel() for m in masks.values())
@@ -68,8 +178,10 @@ def run(ctx: StageContext) -> dict:
     atomic_write_json(ctx.out / "distill.json", record)
     last = losses[-min(50, len(losses)):]
     mean = sum(r["loss"] for r in last) / len(last)
-    ctx.console.print(f"  {cfg.steps} steps, loss over the last {len(last)}: {mean:.4f}")
+    ctx.console.print(f"  {cfg.steps} steps, loss over the last {len(last)}: {mean:.4f}"
+                      + (" (EMA weights saved)" if cfg.ema_decay else ""))
     return {"final_loss": mean}
 
 
-DISTILL = StageSpec(name="distill", version="1", reads=("teacher", "student"), writes={"student": "."}, run=run)
+DISTILL = StageSpec(name="distill", version="2", reads=("teacher", "student"), writes={"student": "."}, run=run,
+                    file_fields=("prompts",), distributed=True)
