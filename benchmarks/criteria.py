@@ -54,37 +54,36 @@ def spread(values: list[float]) -> dict:
 _COMPARABLE = ("teacher", "recovery_steps", "samples", "eval_steps", "prune_batch")
 
 
-def previous_rows(args) -> list[dict]:
-    """Rows of an earlier run of the same comparison (``--resume``): same settings, any criteria / seeds."""
+def previous_run(args) -> dict:
+    """An earlier run of the same comparison (``--resume``): same settings, any criteria / targets / seeds."""
     path = args.out / f"{args.name}.json"
     if not path.is_file():
-        return []
+        return {"rows": [], "commands": []}
     old = json.loads(path.read_text())
     differing = [k for k in _COMPARABLE if old["settings"].get(k) != getattr(args, k)]
     if differing:
         raise SystemExit(f"--resume: {path} was run with other settings ({', '.join(differing)}); use another --name")
-    return old["rows"]
+    return {"rows": old["rows"], "commands": old.get("commands", [old["command"]])}
 
 
-def write_results(args, rows: list[dict]) -> list[str]:
+def write_results(args, rows: list[dict], commands: list[str]) -> list[str]:
+    """The table over every row the results hold (a resumed run's rows included), and the commands that made them."""
     table = []
-    for target in args.targets:
-        for criterion in args.criteria:
+    for target in sorted({r["macs_target"] for r in rows}, reverse=True):
+        for criterion in CRITERIA:
             cell = [r for r in rows if r["criterion"] == criterion and r["macs_target"] == target]
             if cell:
                 table.append({"criterion": criterion, "macs_target": target,
                               **{k: spread([r[k] for r in cell]) for k in
                                  ("macs_ratio", "pruned_fid", "student_fid", "student_psnr", "criterion_seconds")}})
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    command = "python benchmarks/criteria.py " + " ".join(argv)
-    result = {"command": command.strip(), "machine": {"cpu": cpu_name(), "platform": platform.platform()},
+    result = {"command": " && ".join(commands), "commands": commands, "machine": {"cpu": cpu_name(), "platform": platform.platform()},
               "settings": {k: v for k, v in vars(args).items() if k != "resume"} | {"out": str(args.out)},
               "rows": rows, "table": table}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"# Importance criteria on {args.teacher}", "",
-             f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['platform']}). "
+             "`" + "`, then `".join(commands) + f"` on {result['machine']['cpu']} ({result['machine']['platform']}). "
              f"Recovery {args.recovery_steps} steps for every criterion; FID on {args.samples} samples, "
              f"{args.eval_steps} DDIM steps; seeds {seeds}, mean ± standard deviation over seeds. Teacher FID "
              f"{statistics.fmean(r['teacher_fid'] for r in rows):.2f}.", "",
@@ -117,7 +116,9 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console(stderr=True)
-    rows = previous_rows(args) if args.resume else []
+    previous = previous_run(args) if args.resume else {"rows": [], "commands": []}
+    rows = previous["rows"]
+    commands = previous["commands"] + [" ".join(["python benchmarks/criteria.py", *sys.argv[1:]])]
     done = {(r["criterion"], r["macs_target"], r["seed"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         # seeds outermost: an interrupted run still leaves whole tables for the seeds it finished
@@ -143,8 +144,8 @@ def main() -> int:
                         "student_ssim": report["student"]["quality"]["ssim_vs_teacher"],
                         "build_seconds": time.perf_counter() - started,
                     })
-                    write_results(args, rows)  # after every build: a long run can be resumed
-    console.print("\n".join(write_results(args, rows)))
+                    write_results(args, rows, commands)  # after every build: a long run can be resumed
+    console.print("\n".join(write_results(args, rows, commands)))
     return 0
 
 
