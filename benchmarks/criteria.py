@@ -68,6 +68,8 @@ def previous_run(args) -> dict:
 
 def write_results(args, rows: list[dict], commands: list[str]) -> list[str]:
     """The table over every row the results hold (a resumed run's rows included), and the commands that made them."""
+    for r in rows:  # the sampling noise is the seed's: the teacher's FID on the same noise is each row's floor
+        r["student_fid_gap"] = r["student_fid"] - r["teacher_fid"]
     table = []
     for target in sorted({r["macs_target"] for r in rows}, reverse=True):
         for criterion in CRITERIA:
@@ -75,7 +77,8 @@ def write_results(args, rows: list[dict], commands: list[str]) -> list[str]:
             if cell:
                 table.append({"criterion": criterion, "macs_target": target,
                               **{k: spread([r[k] for r in cell]) for k in
-                                 ("macs_ratio", "pruned_fid", "student_fid", "student_psnr", "criterion_seconds")}})
+                                 ("macs_ratio", "pruned_fid", "student_fid", "student_fid_gap", "student_psnr",
+                                  "criterion_seconds")}})
     result = {"command": " && ".join(commands), "commands": commands, "machine": {"cpu": cpu_name(), "platform": platform.platform()},
               "settings": {k: v for k, v in vars(args).items() if k != "resume"} | {"out": str(args.out)},
               "rows": rows, "table": table}
@@ -85,16 +88,20 @@ def write_results(args, rows: list[dict], commands: list[str]) -> list[str]:
     lines = [f"# Importance criteria on {args.teacher}", "",
              "`" + "`, then `".join(commands) + f"` on {result['machine']['cpu']} ({result['machine']['platform']}). "
              f"Recovery {args.recovery_steps} steps for every criterion; FID on {args.samples} samples, "
-             f"{args.eval_steps} DDIM steps; seeds {seeds}, mean ± standard deviation over seeds. Teacher FID "
-             f"{statistics.fmean(r['teacher_fid'] for r in rows):.2f}.", "",
-             "| MACs target | criterion | seeds | MACs ratio | FID pruned | FID recovered | PSNR vs teacher (dB) | criterion time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{args.eval_steps} DDIM steps; seeds {seeds}, mean ± standard deviation over seeds. The seed also "
+             "draws the evaluation noise, and at this sample count the teacher's own FID moves with it (teacher FID "
+             + ", ".join(f"{t:.2f} at seed {s}" for s, t in sorted({r["seed"]: r["teacher_fid"] for r in rows}.items()))
+             + "): compare criteria by FID recovered − teacher (same noise) and PSNR.", "",
+             "| MACs target | criterion | seeds | MACs ratio | FID pruned | FID recovered | FID recovered − teacher | "
+             "PSNR vs teacher (dB) | criterion time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         def fmt(k, d=2):
             s = row[k]
             return f"{s['mean']:.{d}f}" + (f" ± {s['std']:.{d}f}" if s["n"] > 1 else "")
         lines.append(f"| {row['macs_target']:.0%} | {row['criterion']} | {row['student_fid']['n']} | {fmt('macs_ratio', 3)} | "
-                     f"{fmt('pruned_fid')} | {fmt('student_fid')} | {fmt('student_psnr')} | {fmt('criterion_seconds', 1)} |")
+                     f"{fmt('pruned_fid')} | {fmt('student_fid')} | {fmt('student_fid_gap')} | {fmt('student_psnr')} | "
+                     f"{fmt('criterion_seconds', 1)} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -118,7 +125,8 @@ def main() -> int:
     console = Console(stderr=True)
     previous = previous_run(args) if args.resume else {"rows": [], "commands": []}
     rows = previous["rows"]
-    commands = previous["commands"] + [" ".join(["python benchmarks/criteria.py", *sys.argv[1:]])]
+    commands = previous["commands"]
+    this_command = " ".join(["python benchmarks/criteria.py", *sys.argv[1:]])
     done = {(r["criterion"], r["macs_target"], r["seed"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         # seeds outermost: an interrupted run still leaves whole tables for the seeds it finished
@@ -133,6 +141,8 @@ def main() -> int:
                     started = time.perf_counter()
                     report = build(load_recipe(path), path, Path(tmp) / path.stem, console)
                     prune = json.loads(next((Path(tmp) / path.stem / "stages").glob("*-prune-*/prune.json")).read_text())
+                    if this_command not in commands:  # a command that built no row made none of the results
+                        commands.append(this_command)
                     rows.append({
                         "criterion": criterion, "macs_target": target, "seed": seed,
                         "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"],
@@ -140,6 +150,7 @@ def main() -> int:
                         "teacher_fid": report["teacher"]["quality"].get("fid"),
                         "pruned_fid": report["pruned"]["quality"].get("fid"),
                         "student_fid": report["student"]["quality"].get("fid"),
+                        "student_fid_gap": report["student"]["quality"].get("fid") - report["teacher"]["quality"].get("fid"),
                         "student_psnr": report["student"]["quality"]["psnr_vs_teacher"],
                         "student_ssim": report["student"]["quality"]["ssim_vs_teacher"],
                         "build_seconds": time.perf_counter() - started,
