@@ -39,6 +39,13 @@ ROUND_TO_BY_TARGET = {"cpu": 8, "cuda": 64, "jetson-agx-orin": 64, "jetson-orin-
 JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
 
 
+def _min_opt_max(v):
+    """An optimization profile's (min, opt, max), as TensorRT requires them ordered."""
+    if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
+        raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -223,12 +230,7 @@ class EngineStage(_Strict):
     timing_cache: bool = Field(True, description="reuse tactic timings across builds (engines/timing.cache)")
     optimization_level: int = Field(3, ge=0, le=5)
 
-    @field_validator("batch", "resolution")
-    @classmethod
-    def _ordered(cls, v):
-        if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
-            raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
-        return v
+    _ordered = field_validator("batch", "resolution")(_min_opt_max)
 
 
 class BundleStage(_Strict):
@@ -264,12 +266,7 @@ class BundleStage(_Strict):
     warmup: int = Field(10, ge=0, le=100_000, description="run.py bench: warm-up pairs")
     runs: int = Field(50, ge=3, le=100_000, description="run.py bench: timed teacher / student pairs")
 
-    @field_validator("batch", "resolution")
-    @classmethod
-    def _ordered(cls, v):
-        if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
-            raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
-        return v
+    _ordered = field_validator("batch", "resolution")(_min_opt_max)
 
 
 class VerifyStage(_Strict):
