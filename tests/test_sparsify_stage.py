@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deploykit.distill import RecoveryConfig, recover
-from deploykit.distill.recovery import _SparseRefinedSTE
+from deploykit.distill.sparse import _SparseRefinedSTE
 from deploykit.errors import InputError
 from deploykit.export import export_unet
 from deploykit.models.inputs import example_unet_inputs

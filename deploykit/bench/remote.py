@@ -19,7 +19,6 @@ device is one message and a non-zero exit code; the artifact is left as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploykit.errors import DeployKitError, InputError
+from deploykit.export.bundle import manifest_sha256
 
 BACKENDS = ("tensorrt", "onnxruntime-cpu")
 BUNDLE = "bundle"
@@ -215,7 +215,7 @@ class RemoteBench:
                              "stage (recipes/sd15_jetson.yaml)")
         bundle = files.folder(BUNDLE)  # every file hashed against the artifact's manifest
         manifest = json.loads((bundle / "bundle.json").read_text())
-        bundle_sha = hashlib.sha256((bundle / "bundle.json").read_bytes()).hexdigest()
+        bundle_sha = manifest_sha256(bundle)
         want = {**manifest["files"], "bundle.json": bundle_sha}
         name = manifest.get("recipe") or self.artifact.name
         where = _remote_dir(self.remote_dir or f"deploykit-bundles/{name}") + f"/{BUNDLE}"
@@ -303,7 +303,7 @@ def store(artifact: Path, results: dict, meta: dict) -> tuple[str, dict]:
     art = Artifact(artifact)
     with art.lock():
         bundle = art.root / BUNDLE / "bundle.json"
-        if not bundle.is_file() or hashlib.sha256(bundle.read_bytes()).hexdigest() != meta["bundle_sha256"]:
+        if not bundle.is_file() or manifest_sha256(bundle.parent) != meta["bundle_sha256"]:
             raise RemoteError(f"{artifact}: the bundle changed while it was being benchmarked (a build ran?); "
                               "nothing written: run deploykit bench again")
         report_path = art.root / "report.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deploykit.distill.sparse import MASK_MODES, _SparseRefinedSTE  # noqa: F401  (_SparseRefinedSTE: its old home)
+from deploykit.distill.sparse import MASK_MODES
 from deploykit.distill.trainer import Batch, DistillTrainer
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
