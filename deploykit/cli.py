@@ -126,7 +126,8 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from deploykit.bench.remote import SSH, RemoteBench, parse_host, store
+    from deploykit.device.remote_bench import RemoteBench, store
+    from deploykit.device.ssh import SSH, parse_host
 
     host = parse_host(args.host)
     identity = Path(args.identity).expanduser() if args.identity else None

@@ -140,7 +140,7 @@ class Runner:
             raise InputError(f"{where}: quantize.max_quality_loss.fid: FID is not measured for Stable Diffusion pipelines; "
                              "use psnr_vs_teacher / ssim_vs_teacher")
         if self.recipe.stage("engine") is not None:
-            from deploykit.export.tensorrt import tensorrt_missing
+            from deploykit.engines.tensorrt import tensorrt_missing
 
             reason = tensorrt_missing()
             if reason is None:
@@ -250,7 +250,7 @@ class Runner:
         return summary, digest
 
     def _finalize(self, records: list[StageRecord], roles: dict) -> dict:
-        from deploykit.export.bundle import manifest_sha256
+        from deploykit.device.bundle import manifest_sha256
         from deploykit.report import assemble, check_quality_gate, remote, write_outputs
 
         stages = [{"name": r.name, "key": r.key, "dir": r.dir, "digest": r.digest} for r in records]

@@ -12,20 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.errors import InputError
-from deploykit.export.tensorrt import (
+from deploykit.engines.tensorrt import (
     builder_flag_names,
-    default_ranges,
     engine_name,
     precision_flags,
-    profile_shapes,
     sparse_layer_lines,
     sparse_summary,
     tensorrt_missing,
 )
+from deploykit.errors import InputError
+from deploykit.models.io_spec import unet_io
 from tests.conftest import REPO, run_cli
 
-SD_SIGNATURE = {"sample": ["batch", 4, "height", "width"], "timestep": [], "encoder_hidden_states": ["batch", "sequence", 768]}
+SD_UNET = {"in_channels": 4, "out_channels": 4, "sample_size": 64, "cross_attention_dim": 768}
 
 BUILD_LOG = """\
 [I] [TRT] Loaded engine size: 12 MiB
@@ -40,18 +39,17 @@ def test_engine_names_carry_gpu_trt_version_and_precision():
     assert engine_name("Orin (nvgpu)", "10.3.0", "int8", sparse=True) == "orin-nvgpu_trt10.3.0_int8-sparse.engine"
 
 
-def test_profile_shapes_from_onnx_axes_and_target():
-    shapes = profile_shapes(SD_SIGNATURE, default_ranges((1, 2, 4), (32, 64, 64), sequence=77))
+def test_profiles_come_from_the_unets_description():
+    shapes = unet_io(SD_UNET, scalar_timestep=True).input_profile((1, 2, 4), (32, 64, 64))
     assert shapes["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 64, 64))
     assert shapes["timestep"] == ((), (), ())  # optimum's scalar timestep
     assert shapes["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (4, 77, 768))
+    assert unet_io(SD_UNET).input_profile((1, 2, 4), (8, 8, 8))["timestep"] == ((1,), (2,), (4,))
 
 
-def test_profile_shapes_name_an_axis_without_range():
-    with pytest.raises(InputError, match="'encoder_hidden_states'.*'sequence'"):
-        profile_shapes(SD_SIGNATURE, default_ranges((1, 2, 2), (64, 64, 64)))
+def test_profile_ranges_are_checked():
     with pytest.raises(InputError, match="min <= opt <= max"):
-        default_ranges((2, 1, 4), (64, 64, 64))
+        unet_io(SD_UNET).input_profile((2, 1, 4), (64, 64, 64))
 
 
 def test_sparse_layer_lines_and_summary():
@@ -77,13 +75,13 @@ def test_stage_profile_defaults_follow_the_build():
     from deploykit.recipe import EngineStage
     from deploykit.stages.engine import shape_ranges
 
-    sd = {"kind": "sd", "sample_shape": [4, 64, 64], "resolution": 512}
-    axes = shape_ranges(EngineStage(), sd).axes
-    assert axes == {"batch": (1, 2, 2), "height": (64, 64, 64), "width": (64, 64, 64), "sequence": (77, 77, 77)}
-    axes = shape_ranges(EngineStage(batch=(1, 2, 8), resolution=(256, 512, 768)), sd).axes
-    assert axes["batch"] == (1, 2, 8) and axes["height"] == (32, 64, 96)
+    sd = {"kind": "sd", "sample_shape": [4, 64, 64], "resolution": 512, "vae_scale_factor": 8}
+    assert shape_ranges(EngineStage(), sd) == ((1, 2, 2), (64, 64, 64))
+    assert shape_ranges(EngineStage(batch=(1, 2, 8), resolution=(256, 512, 768)), sd) == ((1, 2, 8), (32, 64, 96))
+    with pytest.raises(InputError, match="not a multiple of 8"):
+        shape_ranges(EngineStage(resolution=(256, 500, 768)), sd)
     pixel = {"kind": "pixel", "sample_shape": [1, 16, 16]}
-    assert shape_ranges(EngineStage(), pixel).axes == {"batch": (1, 32, 32), "height": (16, 16, 16), "width": (16, 16, 16)}
+    assert shape_ranges(EngineStage(), pixel) == ((1, 32, 32), (16, 16, 16))
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -124,18 +122,16 @@ def test_tensorrt_engine_end_to_end(tmp_path, tiny_unet):
 
     if not torch.cuda.is_available():
         pytest.skip("tensorrt imports but there is no CUDA device")
+    from deploykit.engines.tensorrt import build_engine, gpu_name
     from deploykit.export import export_unet
-    from deploykit.export.onnx import graph_signature
-    from deploykit.export.tensorrt import build_engine, gpu_name
     from deploykit.models.inputs import example_unet_inputs
 
     onnx_path = export_unet(tiny_unet, tmp_path / "onnx" / "model.onnx", example_unet_inputs(tiny_unet, 2))
-    signature = {k: dims for k, (_, dims) in graph_signature(onnx_path).items()}
     import tensorrt as trt
 
     path = tmp_path / "engines" / engine_name(gpu_name(), trt.__version__, "fp16", sparse=True)
     built = build_engine(onnx_path, path, fp16=True, int8=False, sparse_weights=True,
-                         profiles=profile_shapes(signature, default_ranges((1, 2, 4), (16, 16, 16))),
+                         profiles=unet_io(tiny_unet).input_profile((1, 2, 4), (16, 16, 16)),
                          timing_cache=tmp_path / "timing.cache", workspace_gb=1, log_path=tmp_path / "build.log")
     assert path.is_file() and path.stat().st_size > 0
     assert (tmp_path / "timing.cache").is_file() and (tmp_path / "build.log").read_text()
@@ -156,8 +152,8 @@ ignore_errors = True
 [mypy-tensorrt_libs,polygraphy.*,onnxruntime,onnxruntime.*]
 ignore_missing_imports = True
 """
-TYPED = ["deploykit/export/tensorrt.py", "deploykit/stages/engine.py", "deploykit/stages/verify.py",
-         "deploykit/export/bundle_run.py", "deploykit/export/bundle_build.py"]
+TYPED = ["deploykit/engines/tensorrt.py", "deploykit/stages/engine.py", "deploykit/stages/verify.py",
+         "deploykit/device/scripts/run.py", "deploykit/device/scripts/build_engines.py"]
 
 
 def patched_stubs(dest: Path) -> Path:

@@ -11,10 +11,13 @@ import onnx
 import pytest
 import torch
 
-from deploykit.export import cleanup, compare_onnx, compare_with_torch, export_pipeline, export_unet
+from deploykit.export import compare_with_torch, export_pipeline, export_unet
 from deploykit.export import onnx as export_onnx
 from deploykit.models.inputs import example_unet_inputs, unet_input_names
+from deploykit.models.io_spec import unet_io
 from deploykit.models.topologies import build_pipeline
+from deploykit.models.wrappers import TensorOutput
+from deploykit.onnxtools import cleanup, compare_onnx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -282,8 +285,9 @@ def test_large_models_get_one_external_data_file(sd, tmp_path, monkeypatch):
 
 def test_clean_up_folds_constants_and_infers_shapes(sd, tmp_path):
     unet = sd["student"]
-    names, args, axes = export_onnx.unet_export_spec(unet, example_unet_inputs(unet, 2, 8))
-    raw, weights = export_onnx.export_graph(export_onnx.TensorOutput(unet), args, names, ["out_sample"], axes, 17, tmp_path)
+    io = unet_io(unet)
+    raw, weights = export_onnx.export_graph(TensorOutput(unet), io.export_inputs(example_unet_inputs(unet, 2, 8)),
+                                            io.input_names(), io.output_names(), io.dynamic_axes(), 17, tmp_path)
     cleaned = cleanup.clean_model(raw)
     assert len(cleaned.graph.node) < 0.8 * len(raw.graph.node)
     assert not any(n.op_type == "Constant" for n in cleaned.graph.node)

@@ -41,13 +41,15 @@ stages:
     runs: 5
 """
 
-# Runs a bundle script with `import deploykit` failing, as on a device without deploykit
+# Runs a bundle script with `import deploykit` failing, as on a device without deploykit (and whatever else
+# BLOCK_IMPORTS names: a device without Pillow)
 NO_DEPLOYKIT = """\
-import importlib.abc, runpy, sys
+import importlib.abc, os, runpy, sys
+BLOCKED = ["deploykit"] + os.environ.get("BLOCK_IMPORTS", "").split()
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "deploykit" or name.startswith("deploykit."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: a device has no deploykit)")
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: a device has no {name.split('.')[0]})")
 sys.meta_path.insert(0, Block())
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
@@ -58,6 +60,28 @@ runpy.run_path(script, run_name="__main__")
 def run_bundle(script: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", NO_DEPLOYKIT, str(script), *args], capture_output=True, text=True,
                           timeout=timeout, env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_run_py_verify_checks_the_files_and_pillow(jetson_artifact):
+    run_py = jetson_artifact / "bundle" / "run.py"
+    result = run_bundle(run_py, "verify")
+    assert result.returncode == 0 and "numpy and Pillow import" in result.stderr, result.stderr
+    result = run_bundle(run_py, "verify", env={**os.environ, "BLOCK_IMPORTS": "PIL"})
+    assert result.returncode == 2 and "python3-pil" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_run_py_feeds_constants_by_role(bundle_run):
+    """What bundle.json says about SDXL's time_ids (io_spec's constant) reaches the UNet as the host describes it."""
+    from deploykit.models.io_spec import SDXLUNetIO
+
+    manifest = {"scheduler": {"config": {"num_train_timesteps": 10}}, "bench": {"inputs": [
+        {"name": "sample", "dtype": "float16", "shape": [2, 4, 8, 8], "role": "sample"},
+        {"name": "timestep", "dtype": "float32", "shape": [], "role": "timestep"},
+        {"name": "time_ids", "dtype": "float32", "shape": [2, 6], "role": "time_ids", "value": SDXLUNetIO.time_ids(64, 64)}]}}
+    feeds = bundle_run.unet_feeds(manifest, seed=0)
+    assert feeds["sample"].dtype == np.float16 and feeds["sample"].shape == (2, 4, 8, 8)
+    assert feeds["timestep"].shape == () and 0 <= feeds["timestep"] < 10
+    assert feeds["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
 
 
 def free_port() -> int:
@@ -142,9 +166,19 @@ def test_bundle_is_self_contained_and_hashed(jetson_artifact):
     unet = manifest["components"]["student/unet"]
     assert unet["profile"]["sample"] == [[1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16]]
     assert unet["profile"]["encoder_hidden_states"][1] == [2, 77, 32] and not unet["sparse"] and not unet["int8"]
-    assert manifest["bench"]["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": [2, 4, 16, 16]}
-    for name in ("run.py", "build_engines.py", "build_engines.sh", "trt_build.py", "README.txt"):
+    assert manifest["bench"]["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": [2, 4, 16, 16], "role": "sample"}
+    assert [(t["name"], t["role"]) for t in unet["inputs"]] == [("sample", "sample"), ("timestep", "timestep"),
+                                                                ("encoder_hidden_states", "text")]
+    assert manifest["components"]["student/vae_decoder"]["outputs"] == [{"name": "sample", "role": "image"}]
+    assert manifest["components"]["student/vae_decoder"]["profile"]["latent_sample"][1] == [1, 4, 16, 16]
+    assert manifest["pipeline"]["vae_scale"] == 2 and manifest["pipeline"]["vae_scaling_factor"] == 0.18215
+    for name in ("run.py", "build_engines.py", "build_engines.sh", "README.txt"):
         assert name in manifest["files"], name
+    # the device scripts are deploykit's, under their device names, copied as they are
+    from deploykit.device.bundle import SCRIPTS_DIR
+
+    for name in ("run.py", "build_engines.py"):
+        assert (bundle / name).read_bytes() == (SCRIPTS_DIR / name).read_bytes(), name
     from deploykit.io import sha256_file
 
     assert all(sha256_file(bundle / rel) == sha for rel, sha in manifest["files"].items())

@@ -1,4 +1,4 @@
-"""Latency measurement."""
+"""Measurement: latency (interleaved, paired), the machine it ran on, and the roofline model beside it."""
 
 from deploykit.bench.latency import Latency, PairedLatency, measure_group, measure_group_against, measure_pair
 

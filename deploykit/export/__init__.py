@@ -1,6 +1,9 @@
-"""ONNX export (UNets, whole SD / SDXL pipelines in optimum's layout), clean-up, and checks against torch."""
+"""torch -> ONNX: UNets alone, and whole SD / SDXL pipelines in optimum's layout, each checked against torch.
 
-from deploykit.export.onnx import compare_onnx, compare_with_torch, export_unet
-from deploykit.export.pipeline import export_pipeline
+Graph tools (clean-up, fp16, signatures, comparisons) are in :mod:`deploykit.onnxtools`; TensorRT engines
+in :mod:`deploykit.engines`; the Jetson bundle in :mod:`deploykit.device`."""
 
-__all__ = ["compare_onnx", "compare_with_torch", "export_pipeline", "export_unet"]
+from deploykit.export.onnx import compare_with_torch, export_unet
+from deploykit.export.optimum_layout import export_pipeline
+
+__all__ = ["compare_with_torch", "export_pipeline", "export_unet"]

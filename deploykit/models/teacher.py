@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from deploykit.errors import InputError
+from deploykit.models.io_spec import vae_scale_factor
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
 
@@ -34,7 +35,7 @@ class Teacher:
 
 def random_weights_spec(spec: str, topology: str | None) -> str:
     """The ``random:`` spec standing in for ``spec`` under ``--random-weights``."""
-    from deploykit.models.pipelines import KNOWN_HUB_TOPOLOGIES
+    from deploykit.models.diffusers_pipelines import KNOWN_HUB_TOPOLOGIES
 
     if spec.startswith("random:"):
         return spec
@@ -70,13 +71,13 @@ def load_teacher(spec: str, base_dir: Path | None = None, resolution: int | None
         return _pipeline_teacher(build_pipeline(name, seed), spec, resolution or topology(name)["image_size"],
                                  random_weights=True, topology=name)
     if spec.startswith("hf:"):
-        from deploykit.models.pipelines import load_pretrained_pipeline
+        from deploykit.models.diffusers_pipelines import load_pretrained_pipeline
 
         hub_id, _, revision = spec.removeprefix("hf:").partition("@")
         return _pipeline_teacher(load_pretrained_pipeline(hub_id, revision or None), spec, resolution)
     path = teacher_path(spec, base_dir)
     if (path / "model_index.json").is_file():
-        from deploykit.models.pipelines import load_pretrained_pipeline
+        from deploykit.models.diffusers_pipelines import load_pretrained_pipeline
 
         return _pipeline_teacher(load_pretrained_pipeline(path), spec, resolution)
     return _load_diffusers_folder(path, spec)
@@ -100,7 +101,7 @@ def check_teacher_spec(spec: str, base_dir: Path | None = None) -> None:
     else:
         path = teacher_path(spec, base_dir)
         if (path / "model_index.json").is_file():
-            from deploykit.models.pipelines import pipeline_class, pipeline_class_of
+            from deploykit.models.diffusers_pipelines import pipeline_class, pipeline_class_of
 
             pipeline_class(pipeline_class_of(path))
         else:
@@ -118,11 +119,11 @@ def teacher_kind(spec: str, base_dir: Path | None = None) -> str:
 
 def _pipeline_teacher(pipe, spec: str, resolution: int | None, random_weights: bool = False,
                       topology: str | None = None) -> Teacher:
-    from deploykit.models.pipelines import PIPELINE_KINDS
+    from deploykit.models.diffusers_pipelines import PIPELINE_KINDS
 
     unet = pipe.unet.eval()
     c = unet.config
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(pipe.vae.config)
     default = (c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]) * scale
     resolution = resolution or default
     if resolution % (scale * 8):

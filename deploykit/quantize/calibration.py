@@ -4,7 +4,8 @@ INT8 ranges are set from activations, and a diffusion UNet's activations change 
 and with how far a sample has been denoised; random inputs miss both. So the calibration set is
 recorded while the teacher samples: every UNet call of a few short sampling runs (noise for pixel
 UNets, prompts for Stable Diffusion pipelines) becomes one calibration batch, in
-:func:`deploykit.models.inputs.unet_input_names` order. The student is calibrated on the same batches:
+:func:`deploykit.models.inputs.unet_input_names` order (the UNet's description,
+:mod:`deploykit.models.io_spec`). The student is calibrated on the same batches:
 they are the inputs it will see.
 
 The algorithms never own the data: :func:`deploykit.quantize.onnx_int8.quantize_onnx` takes an
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
+
+from deploykit.models.io_spec import unet_io
 
 CalibrationBatch = dict[str, np.ndarray]  # UNet input name -> array
 
@@ -42,19 +45,14 @@ class RecordingDenoiser:
 
 
 @contextmanager
-def record_unet_calls(unet: nn.Module, names: Sequence[str]) -> Iterator[list[CalibrationBatch]]:
-    """Record every call of a diffusers UNet (as a pipeline makes it: ``sample, timestep,
-    encoder_hidden_states=..., added_cond_kwargs={text_embeds, time_ids}``) into the yielded list."""
+def record_unet_calls(unet: nn.Module) -> Iterator[list[CalibrationBatch]]:
+    """Record every call of a diffusers UNet, as a pipeline makes it, into the yielded list: its inputs named
+    and ordered by the UNet's description (:meth:`deploykit.models.io_spec.UNetIO.named_inputs`)."""
+    io = unet_io(unet)
     batches: list[CalibrationBatch] = []
 
     def hook(module, args, kwargs):
-        values = dict(zip(("sample", "timestep", "encoder_hidden_states"), args))
-        values.update({k: v for k, v in kwargs.items() if k in ("sample", "timestep", "encoder_hidden_states")})
-        values.update(kwargs.get("added_cond_kwargs") or {})
-        t = torch.as_tensor(values["timestep"])
-        if t.dim() == 0:  # pipelines pass one timestep for the batch
-            values["timestep"] = t.expand(values["sample"].shape[0])
-        batches.append({n: _numpy(torch.as_tensor(values[n])) for n in names})
+        batches.append({n: _numpy(x) for n, x in io.named_inputs(args, kwargs).items()})
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:

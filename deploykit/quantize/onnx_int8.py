@@ -38,8 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deploykit.export import cleanup
-from deploykit.export.onnx import adapt_feed, graph_signature, staged_folder
+from deploykit.onnxtools import adapt_feed, cleanup, graph_signature, staged_folder
 from deploykit.quantize.calibration import CalibrationBatch
 from deploykit.quantize.exclude import DEFAULT_EXCLUDE, check_patterns, is_excluded, onnx_node_module
 
@@ -247,7 +246,7 @@ def int8_layers(path: str | Path) -> dict[str, dict[str, bool]]:
 def output_error(reference: str | Path, quantized: str | Path, batches: Sequence[CalibrationBatch]) -> dict:
     """Signal-to-quantization-noise ratio (dB) and max |diff| of the INT8 graph's output against the fp32
     graph's, on ``batches``."""
-    from deploykit.export.onnx import ort_session
+    from deploykit.onnxtools import ort_session
 
     sessions = [ort_session(reference), ort_session(quantized)]
     signatures = [graph_signature(reference), graph_signature(quantized)]

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from deploykit.artifact import FILES_JSON, OUTPUT_DIRS
+from deploykit.device.bundle import copy_folder
 from deploykit.errors import QualityGateError
-from deploykit.export.bundle import copy_folder
 from deploykit.io import atomic_write_json, atomic_write_text, make_temp_dir, replace_dir
 from deploykit.recipe import Recipe
 from deploykit.report.markdown import render

@@ -1,7 +1,7 @@
 """Backends that evaluate a UNet: one call signature, ``(*unet_inputs) -> predicted noise``.
 
-The inputs are positional, in :func:`deploykit.models.inputs.unet_input_names` order (``sample``,
-``timestep``, and for SD UNets ``encoder_hidden_states``, for SDXL ``text_embeds``, ``time_ids``).
+The inputs are positional, in the order of the UNet's description (:mod:`deploykit.models.io_spec`): ``sample``,
+``timestep``, and for SD UNets ``encoder_hidden_states``, for SDXL ``text_embeds``, ``time_ids``.
 Names follow the report: ``torch-cpu``, ``torch-cuda``, ``onnxruntime-cpu``, ``onnxruntime-cuda``
 (``tensorrt`` plugs in the same way where it is installed).
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from deploykit.errors import InputError
+from deploykit.models.io_spec import VAEDecoderIO
 from deploykit.runtime.backends import OnnxRuntimeBackend, TorchBackend
 from deploykit.runtime.files import VerifiedArtifact
 from deploykit.runtime.sampling import make_pipeline_scheduler, make_scheduler, sample
@@ -96,8 +97,8 @@ class SDModel:
             tokenizer_dir = teacher / "pipeline" / "tokenizer"
         self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         self.scheduler_config = _read_json(files.file("model/scheduler_config.json"))
-        self.scaling_factor = vae_config["scaling_factor"]
-        self.vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        vae = VAEDecoderIO(vae_config)
+        self.scaling_factor, self.vae_scale = vae.scaling_factor, vae.scale_factor
         self.channels = unet_config["in_channels"]
         sample_size = unet_config["sample_size"]
         sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from deploykit.models.inputs import unet_input_names, unet_of
+from deploykit.models.io_spec import unet_io, unet_of
 from deploykit.runtime.backends import OnnxRuntimeBackend
 
 
@@ -15,14 +14,13 @@ def with_onnx_forward(onnx_path: str | Path, model: nn.Module, providers: list[s
     """``model``'s UNet (its config, dtype and device, which pipelines read) with its forward replaced by the
     ONNX graph at ``onnx_path`` run in ONNX Runtime. Pipelines call it as they call the UNet."""
     unet = unet_of(model)
-    names = unet_input_names(unet)
+    io = unet_io(unet)
     backend = OnnxRuntimeBackend(onnx_path, providers)
 
     def forward(sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True, **_):
-        t = torch.as_tensor(timestep)
-        values = {"sample": sample, "timestep": t.expand(sample.shape[0]) if t.dim() == 0 else t,
-                  "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}
-        out = backend(*(values[n].float() if values[n].is_floating_point() else values[n] for n in names))
+        values = io.named_inputs((sample, timestep), {"encoder_hidden_states": encoder_hidden_states,
+                                                      "added_cond_kwargs": added_cond_kwargs})
+        out = backend(*(x.float() if x.is_floating_point() else x for x in values.values()))
         out = out.to(sample.dtype)
         if not return_dict:
             return (out,)

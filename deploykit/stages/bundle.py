@@ -3,7 +3,7 @@
 Reads the export stage's graphs (fp32, or fp16 with ``bundle.onnx: fp16``; a quantize stage's INT8 QDQ
 UNets for ``precision: int8`` / ``best``), writes them with the engine settings and optimization profiles
 the device's build needs, the build script, ``run.py`` and a roofline estimate for the recipe's target
-(see :mod:`deploykit.export.bundle`). Nothing here needs TensorRT: the engines are built on the device,
+(see :mod:`deploykit.device.bundle`). Nothing here needs TensorRT: the engines are built on the device,
 by ``build_engines.sh`` or by ``deploykit bench ARTIFACT --host user@device``.
 """
 
@@ -16,15 +16,14 @@ import numpy as np
 import torch
 
 from deploykit import __version__
+from deploykit.device.bundle import FORMAT, copy_folder, finish, link_or_copy
 from deploykit.errors import InputError
-from deploykit.export.bundle import FORMAT, copy_folder, finish, link_or_copy
-from deploykit.export.onnx import graph_signature
-from deploykit.export.tensorrt import ShapeRanges, profile_shapes
-from deploykit.models.inputs import TEXT_TOKENS
+from deploykit.models.io_spec import ComponentIO, Range, VAEDecoderIO, pipeline_component_io
+from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import example_inputs, is_pipeline, teacher_meta
-from deploykit.stages.engine import has_qdq, shape_ranges
+from deploykit.stages.engine import graph_unet_io, has_qdq, shape_ranges
 
 ROLES = ("teacher", "student")
 ONNX = "model.onnx"
@@ -48,16 +47,19 @@ def _unet_source(ctx: StageContext, role: str) -> tuple[Path, bool]:
     return _source_dir(ctx, role) / "unet", False
 
 
-def _component(ctx: StageContext, src: Path, dest: str, ranges: ShapeRanges, int8: bool, sparse: bool) -> dict:
-    """Ship the component folder ``src`` (graph, external data, config) as ``onnx/<dest>/``; its profile and inputs."""
+def _component(ctx: StageContext, src: Path, dest: str, io: ComponentIO, signature: dict, batch: Range, side: Range,
+               image_side: int, int8: bool, sparse: bool) -> dict:
+    """Ship the component folder ``src`` (graph, external data, config) as ``onnx/<dest>/``; its profile, and its
+    inputs and outputs as the device scripts feed and read them (``io``: its description; ``signature``: the graph's
+    inputs, whose dtypes the device feeds)."""
     copy_folder(src, ctx.out / "onnx" / dest)
     onnx_path = src / ONNX
-    signature = graph_signature(onnx_path)
-    profile = profile_shapes({k: dims for k, (_, dims) in signature.items()}, ranges)
+    io.check_graph({k: dims for k, (_, dims) in signature.items()}, str(onnx_path))
     return {"onnx": f"onnx/{dest}/{ONNX}", "int8": int8 and has_qdq(onnx_path), "sparse": sparse,
-            "inputs": [{"name": k, "dtype": np.dtype(dtype).name, "shape": list(profile[k][1])}
-                       for k, (dtype, _) in signature.items()],
-            "profile": {k: [list(s) for s in v] for k, v in profile.items()}}
+            "inputs": [{**feed, "dtype": np.dtype(signature[feed["name"]][0]).name}
+                       for feed in io.feeds(batch, side, image_side)],
+            "outputs": [{"name": t.name, "role": t.role} for t in io.outputs()],
+            "profile": {k: [list(s) for s in v] for k, v in io.input_profile(batch, side).items()}}
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
@@ -98,13 +100,17 @@ def run(ctx: StageContext) -> dict:
     meta = teacher_meta(ctx.inputs["teacher"])
     pipeline = is_pipeline(meta)
     batch = cfg.batch_size or (2 if pipeline else 32)
-    unet_ranges = shape_ranges(cfg, meta, batch)
+    batches, sides = shape_ranges(cfg, meta, batch)
+    image_side = meta.get("resolution") or meta["sample_shape"][-1]
     components: dict = {}
     for role in ROLES:
         src, int8 = _unet_source(ctx, role)
         masked = (ctx.inputs[role] / "model" / MASKS_FILE).is_file()
         sparse = cfg.sparse_weights == "on" or (cfg.sparse_weights == "auto" and masked)
-        components[f"{role}/unet"] = _component(ctx, src, f"{role}/unet", unet_ranges, int8, sparse)
+        signature = graph_signature(src / ONNX)
+        io = graph_unet_io(ctx.inputs[role], src / ONNX, signature)
+        components[f"{role}/unet"] = _component(ctx, src, f"{role}/unet", io, signature, batches, sides, image_side, int8,
+                                                sparse)
     bench_inputs = components["teacher/unet"]["inputs"]
     manifest: dict = {
         "format": FORMAT, "deploykit": __version__, "recipe": ctx.recipe.get("name"), "target": ctx.recipe.get("target"),
@@ -126,20 +132,16 @@ def run(ctx: StageContext) -> dict:
         ctx.console.print("  [yellow]bundle: SDXL bundles ship the UNets only (run.py serves SD 1.x / 2.x pipelines)[/]")
     elif pipeline and cfg.pipeline:
         student = _source_dir(ctx, "student")
-        lo, opt, hi = unet_ranges.axes["batch"]
-        text_ranges = ShapeRanges({"batch": (lo, opt, hi), "sequence": (TEXT_TOKENS, TEXT_TOKENS, TEXT_TOKENS)})
-        components["student/text_encoder"] = _component(ctx, student / "text_encoder", "student/text_encoder", text_ranges,
-                                                        False, False)
-        latent = unet_ranges.axes["height"]
-        images = (1, max(1, opt // 2), max(1, hi // 2))  # one image per guidance pair
-        vae_ranges = ShapeRanges({"batch": images, "latent_height": latent, "latent_width": latent})
-        components["student/vae_decoder"] = _component(ctx, student / "vae_decoder", "student/vae_decoder", vae_ranges,
+        for name in ("text_encoder", "vae_decoder"):
+            io = pipeline_component_io(name, json.loads((student / name / "config.json").read_text()), sdxl=False)
+            components[f"student/{name}"] = _component(ctx, student / name, f"student/{name}", io,
+                                                       graph_signature(student / name / ONNX), batches, sides, image_side,
                                                        False, False)
         copy_folder(student / "tokenizer", ctx.out / "onnx" / "student" / "tokenizer")
         link_or_copy(student / "scheduler" / "scheduler_config.json", ctx.out / "onnx" / "student" / "scheduler_config.json")
-        vae = json.loads((student / "vae_decoder" / "config.json").read_text())
-        manifest["pipeline"] = {"tokenizer": "onnx/student/tokenizer", "vae_scaling_factor": vae["scaling_factor"],
-                                "vae_scale": 2 ** (len(vae["block_out_channels"]) - 1)}
+        vae = VAEDecoderIO(json.loads((student / "vae_decoder" / "config.json").read_text()))
+        manifest["pipeline"] = {"tokenizer": "onnx/student/tokenizer", "vae_scaling_factor": vae.scaling_factor,
+                                "vae_scale": vae.scale_factor}
     manifest["components"] = components
     manifest["estimate"] = _estimate(ctx, meta, batch, components)
     written = finish(ctx.out, manifest)
@@ -151,5 +153,5 @@ def run(ctx: StageContext) -> dict:
     return {"files": len(written["files"])}
 
 
-BUNDLE = StageSpec(name="bundle", version="1", reads=("teacher", "student", "onnx"), optional_reads=("onnx_int8",),
+BUNDLE = StageSpec(name="bundle", version="2", reads=("teacher", "student", "onnx"), optional_reads=("onnx_int8",),
                    writes={"bundle": "."}, run=run, recipe_fields=("target", "name"))

@@ -70,7 +70,7 @@ def example_inputs(meta: dict, model: torch.nn.Module, batch: int, seed: int = 0
 
 
 def load_teacher_pipeline(teacher_dir: Path, unet: torch.nn.Module):
-    from deploykit.models.pipelines import load_pipeline
+    from deploykit.models.diffusers_pipelines import load_pipeline
 
     return load_pipeline(teacher_dir / PIPELINE_DIR, unet)
 

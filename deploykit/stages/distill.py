@@ -26,6 +26,7 @@ from deploykit.distill.trainer import make_accelerator
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, load_tensors, save_tensors
 from deploykit.models import load_model, save_model
+from deploykit.models.io_spec import SDXLUNetIO
 from deploykit.runtime import make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.sparsity import MASKS_FILE, load_masks, save_masks
 from deploykit.stages.base import StageContext, StageSpec
@@ -68,7 +69,7 @@ def _encode(pipe, prompts: list[str], side: int, device: torch.device) -> tuple[
     out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
     cond, uncond = {"encoder_hidden_states": out[0]}, {"encoder_hidden_states": out[1][:1]}
     if len(out) == 4:  # SDXL: pooled text embeddings and the size / crop ids, as its pipeline makes them
-        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=device)
+        time_ids = torch.tensor([SDXLUNetIO.time_ids(side, side)], dtype=torch.float32, device=device)
         cond.update(text_embeds=out[2], time_ids=time_ids.expand(len(prompts), 6))
         uncond.update(text_embeds=out[3][:1], time_ids=time_ids)
     return ({k: v.float().cpu() for k, v in cond.items()}, {k: v.float().cpu() for k, v in uncond.items()})

@@ -7,49 +7,51 @@ FP16 flag; an INT8 QDQ graph (``onnx_int8``, from a quantize stage) for ``int8``
 ``best``. SD pipelines: the UNet only (text encoder and VAE run in ONNX Runtime or torch).
 
 The runner refuses a recipe with this stage before writing anything when ``import tensorrt`` fails
-(:func:`deploykit.export.tensorrt.tensorrt_missing`).
+(:func:`deploykit.engines.tensorrt.tensorrt_missing`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from deploykit.engines.tensorrt import build_engine, engine_name, gpu_name, precision_flags, require_tensorrt
 from deploykit.errors import InputError
-from deploykit.export.onnx import graph_signature
-from deploykit.export.tensorrt import (
-    build_engine,
-    default_ranges,
-    engine_name,
-    gpu_name,
-    precision_flags,
-    profile_shapes,
-    require_tensorrt,
-)
 from deploykit.io import atomic_write_json
-from deploykit.models.inputs import TEXT_TOKENS
+from deploykit.models.architecture import ARCH_NAME
+from deploykit.models.io_spec import Range, UNetIO, unet_io
+from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import is_pipeline, teacher_meta
 
 ROLES = ("teacher", "student")
-VAE_SCALE = 8  # SD latents are 1/8 of the image side
 
 
-def shape_ranges(cfg, meta: dict, bench_batch: int | None = None):
-    """The optimization profile's axis ranges for this build (see ``EngineStage``)."""
+def shape_ranges(cfg, meta: dict, bench_batch: int | None = None) -> tuple[Range, Range]:
+    """The optimization profile's UNet batch and latent side (min, opt, max) for this build (see ``EngineStage``)."""
     pipeline = is_pipeline(meta)
     side = meta["sample_shape"][-1]
     opt_batch = bench_batch or (2 if pipeline else 32)
     batch = tuple(cfg.batch) if cfg.batch else (1, opt_batch, opt_batch)
     if cfg.resolution:
-        scale = VAE_SCALE if pipeline else 1
+        scale = meta.get("vae_scale_factor", 1)  # pixel models have no VAE
         bad = [r for r in cfg.resolution if r % scale]
         if bad:
             raise InputError(f"engine.resolution: {bad[0]} is not a multiple of {scale} (the VAE's scale)")
         sides = tuple(r // scale for r in cfg.resolution)
     else:
         sides = (side, side, side)
-    return default_ranges(batch, sides, TEXT_TOKENS if pipeline else None)
+    return batch, sides
+
+
+def graph_unet_io(role_dir: Path, onnx_path: Path, signature: dict) -> UNetIO:
+    """The description of the role's UNet as the graph at ``onnx_path`` (``signature``: its inputs) has it: the
+    timestep a scalar (optimum's layout) or one per row; raises when the graph is not the UNet described."""
+    config = json.loads((role_dir / "model" / ARCH_NAME).read_text())["config"]
+    io = unet_io(config, scalar_timestep=signature["timestep"][1] == [])
+    io.check_graph({k: dims for k, (_, dims) in signature.items()}, str(onnx_path))
+    return io
 
 
 def has_qdq(onnx_path: Path) -> bool:
@@ -75,7 +77,7 @@ def run(ctx: StageContext) -> dict:
 
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
-    ranges = shape_ranges(cfg, meta)
+    batch, sides = shape_ranges(cfg, meta)
     gpu = gpu_name()
     cache = ctx.out / "timing.cache" if cfg.timing_cache else None
     results = {}
@@ -88,10 +90,10 @@ def run(ctx: StageContext) -> dict:
         precision = "int8" if int8 else "fp16"
         name = engine_name(gpu, trt.__version__, precision, sparse)
         path = ctx.out / role / "unet" / name
-        signature = {k: dims for k, (_, dims) in graph_signature(onnx_path).items()}
+        io = graph_unet_io(ctx.inputs[role], onnx_path, graph_signature(onnx_path))
         with ctx.progress(f"building the {role}'s TensorRT engine ({precision}{', sparse weights' if sparse else ''})", 1) as advance:
             built = build_engine(onnx_path, path, fp16=fp16, int8=int8, sparse_weights=sparse,
-                                 profiles=profile_shapes(signature, ranges), timing_cache=cache,
+                                 profiles=io.input_profile(batch, sides), timing_cache=cache,
                                  workspace_gb=cfg.workspace_gb, log_path=path.with_suffix(".log"),
                                  optimization_level=cfg.optimization_level)
             advance(1)

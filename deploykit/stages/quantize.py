@@ -44,7 +44,7 @@ def _pipeline_batches(ctx: StageContext, meta: dict, teacher) -> tuple[list, dic
     pipe.scheduler = make_pipeline_scheduler(cfg.scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     prompts = [cfg.calibration_prompts[i % len(cfg.calibration_prompts)] for i in range(cfg.calibration_samples)]
-    with record_unet_calls(pipe.unet, unet_input_names(teacher)) as batches, \
+    with record_unet_calls(pipe.unet) as batches, \
             ctx.progress("recording the teacher's trajectories", len(prompts)) as advance:
         for i, prompt in enumerate(prompts):
             pipe(prompt, num_inference_steps=cfg.calibration_steps, guidance_scale=cfg.guidance_scale,

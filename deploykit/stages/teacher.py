@@ -10,7 +10,7 @@ from deploykit.artifact import digest, hash_folder
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, sha256_file
 from deploykit.models import count_params, load_teacher, save_model
-from deploykit.models.pipelines import save_components
+from deploykit.models.diffusers_pipelines import save_components
 from deploykit.models.teacher import teacher_path
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import FEATURES, PIPELINE_DIR, TEACHER_JSON

@@ -18,14 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deploykit.engines.tensorrt import tensorrt_missing
 from deploykit.errors import DeployKitError
 from deploykit.export import compare_with_torch
-from deploykit.export.onnx import OUTPUT_NAMES, _adapt_feed, compare_runners, graph_signature
-from deploykit.export.tensorrt import tensorrt_missing
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.models.inputs import unet_input_names, unet_of
+from deploykit.models.io_spec import unet_io
 from deploykit.models.wrappers import TensorOutput
+from deploykit.onnxtools import adapt_feed, compare_runners, graph_signature
 from deploykit.sparsity import MASKS_FILE, check_2to4, load_masks
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.data import example_inputs, teacher_meta
@@ -39,12 +40,13 @@ def tolerance(cfg, precision: str) -> dict:
 
 def compare_engine(model, engine_path: Path, onnx_path: Path, feeds: list[dict], atol: float, rtol: float) -> dict:
     """torch vs a TensorRT engine built from ``onnx_path`` (whose signature says the engine's input dtypes)."""
-    from deploykit.export.tensorrt import trt_runner
-    from deploykit.export.torch_runner import TorchRunner
+    from deploykit.engines.tensorrt import trt_runner
+    from deploykit.onnxtools.torch_runner import TorchRunner
 
     signature = graph_signature(onnx_path)
-    adapted = [_adapt_feed(f, signature) for f in feeds]
-    runners = [TorchRunner(TensorOutput(unet_of(model)).eval(), signature, list(OUTPUT_NAMES)), trt_runner(engine_path, "tensorrt")]
+    adapted = [adapt_feed(f, signature) for f in feeds]
+    outputs = list(unet_io(model).output_names())
+    runners = [TorchRunner(TensorOutput(unet_of(model)).eval(), signature, outputs), trt_runner(engine_path, "tensorrt")]
     return compare_runners(runners, adapted, atol, rtol)
 
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion pipelines around a UNet: loading them, and keeping their other components.
+"""diffusers' Stable Diffusion pipelines around a UNet: loading them, and keeping their other components.
 
 The UNet is what deploykit prunes; the text encoders, VAE, tokenizers and scheduler travel with it
 unchanged. They are saved once, beside the teacher, as a diffusers folder with no UNet, and any UNet

@@ -2,19 +2,21 @@
 
 ```
 bundle/
-  bundle.json        shapes, engine settings and profiles, the roofline estimate, sha256 of every file
+  bundle.json        shapes, engine settings and profiles, each graph's inputs and outputs by role, the roofline
+                     estimate, sha256 of every file
   README.txt         the commands, on the device and from the workstation
-  run.py             bench (teacher vs student UNet steps) and serve (the student); numpy + tensorrt / onnxruntime
+  run.py             bench (teacher vs student UNet steps) and serve (the student); numpy, Pillow + tensorrt / onnxruntime
   build_engines.sh   builds the engines on the device: python3 build_engines.py (TensorRT's Python API or trtexec)
-  build_engines.py   (deploykit/export/bundle_build.py)
-  trt_build.py       (a copy of deploykit/export/tensorrt.py: the engine stage's own builder)
+  build_engines.py   the engine stage's builder (copies of deploykit.engines.tensorrt's functions) for the device
   onnx/teacher/unet/  onnx/student/unet/                 the graphs to build from (and what onnxruntime-cpu runs)
   onnx/student/{text_encoder,vae_decoder,tokenizer}/     SD: what serving needs besides the UNet
   engines/           made on the device by build_engines.sh (engines.json, *.engine, *.log, timing.cache)
 ```
 
-``run.py`` and ``build_engines.py`` are modules of this package (``bundle_run.py``, ``bundle_build.py``) so that
-they are linted and type-checked with it; they import nothing from deploykit.
+``run.py`` and ``build_engines.py`` are ``deploykit/device/scripts/`` in deploykit's source tree, under the
+names they have on the device, shipped as package data and copied verbatim: they import nothing from
+deploykit. Where they repeat a deploykit function, the copy says so (``# Copied from deploykit...``) and
+``utils/check_copies.py`` keeps it equal to its source.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from pathlib import Path
 
 from deploykit.io import atomic_write_json, atomic_write_text, sha256_file
 
-HERE = Path(__file__).resolve().parent
-FORMAT = 1
+SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
+SCRIPTS = ("run.py", "build_engines.py")  # executables, copied as they are
+FORMAT = 2  # 2: each graph's inputs and outputs carry their roles (models.io_spec), which run.py feeds by
 MANIFEST = "bundle.json"
-# bundle file name -> source in this package
-SCRIPTS = {"run.py": HERE / "bundle_run.py", "build_engines.py": HERE / "bundle_build.py", "trt_build.py": HERE / "tensorrt.py"}
 BUILD_SH = """\
 #!/bin/sh
 # Build this bundle's TensorRT engines on this device, with its own TensorRT (see README.txt).
@@ -65,9 +66,9 @@ def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def write_scripts(out: Path) -> None:
-    for name, src in SCRIPTS.items():
-        shutil.copyfile(src, out / name)
-        (out / name).chmod(0o755 if name in ("run.py", "build_engines.py") else 0o644)
+    for name in SCRIPTS:
+        shutil.copyfile(SCRIPTS_DIR / name, out / name)
+        (out / name).chmod(0o755)
     atomic_write_text(out / "build_engines.sh", BUILD_SH)
     (out / "build_engines.sh").chmod(0o755)
 
@@ -89,14 +90,14 @@ The dense teacher's and the pruned student's UNets as ONNX, a script that builds
 device with its own TensorRT, and run.py, which times them and serves the student. Nothing here needs
 deploykit. On a Jetson (JetPack 6: TensorRT 10, Python 3.10):
 
-  sudo apt install python3-libnvinfer python3-numpy     # TensorRT's Python bindings (JetPack has them)
+  sudo apt install python3-libnvinfer python3-numpy python3-pil   # TensorRT's bindings, numpy, Pillow (run.py's PNGs)
   pip3 install torch  (JetPack's wheel, https://pypi.jetson-ai-lab.dev/jp6/cu126: run.py keeps GPU buffers in torch)
 
-  python3 run.py verify                        # every file against bundle.json
+  python3 run.py verify                        # every file against bundle.json; numpy and Pillow import
   sh build_engines.sh                          # engines/: fp16, 2:4 sparse where the model has masks, timing cache
   python3 run.py bench --backend tensorrt --out results.json
 {serve}
-Without TensorRT (any machine with numpy and onnxruntime; the CPU stand-in):
+Without TensorRT (any machine with numpy, Pillow and onnxruntime; the CPU stand-in):
 
   python3 run.py bench --backend onnxruntime-cpu --out results.json
 

@@ -44,8 +44,8 @@ import onnx
 import torch
 from torch import nn
 
-from deploykit.export.onnx import FP32_TIME_INPUTS, export_graph, finish_model, unet_export_spec, write_model
-from deploykit.models.inputs import example_unet_inputs, unet_input_names
+from deploykit.export.onnx import export_graph, finish_model, write_model
+from deploykit.models.io_spec import CLIPTextIO, is_conditional, pipeline_component_io, sample_size
 from deploykit.models.wrappers import TensorOutput
 
 ONNX_NAME = "model.onnx"
@@ -55,17 +55,11 @@ _ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
 
 
 class TextEncoderOutputs(nn.Module):
-    """A CLIP text model as optimum exports it: ``input_ids`` in, a flat tuple of tensors out."""
+    """A CLIP text model as optimum exports it: ``input_ids`` in, a flat tuple of tensors out (``io``'s outputs)."""
 
-    def __init__(self, model: nn.Module, hidden_states: bool):
+    def __init__(self, model: nn.Module, io: CLIPTextIO):
         super().__init__()
-        self.model, self.hidden_states = model, hidden_states
-        self.with_projection = hasattr(model, "text_projection")
-
-    def output_names(self) -> list[str]:
-        first = ["text_embeds", "last_hidden_state"] if self.with_projection else ["last_hidden_state", "pooler_output"]
-        layers = self.model.config.num_hidden_layers
-        return first + ([f"hidden_states.{i}" for i in range(layers + 1)] if self.hidden_states else [])
+        self.model, self.hidden_states, self.with_projection = model, io.hidden_states, io.with_projection
 
     def forward(self, input_ids: torch.Tensor):
         out = self.model(input_ids=input_ids, output_hidden_states=self.hidden_states, return_dict=True)
@@ -101,49 +95,37 @@ def is_sdxl(pipeline) -> bool:
 def _example_latent_side(unet) -> int:
     """A small latent side for tracing; every axis is dynamic, and a multiple of 2**levels keeps diffusers'
     up-sampling on its shape-independent path."""
-    levels = len(unet.config.block_out_channels)
-    side = min(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0], 32)
-    step = 2 ** levels
-    return max(step, side // step * step)
+    step = 2 ** len(unet.config.block_out_channels)
+    return max(step, min(sample_size(unet), 32) // step * step)
 
 
 def _component_specs(pipeline, unet, sdxl: bool, fp16: bool):
-    """(name, module, example args, input names, output names, dynamic axes, precision, fp32 inputs) per component."""
+    """(name, module, example args, description, precision) per component."""
     tokenizer = pipeline.tokenizer
     ids = tokenizer(["a photo of a cat", ""], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    text_axes = {"input_ids": {0: "batch", 1: "sequence"}}
     specs = []
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipeline, name, None)
         if encoder is None:
             continue
-        module = TextEncoderOutputs(encoder, hidden_states=sdxl)
-        outputs = module.output_names()
-        axes = dict(text_axes)
-        for o in outputs:
-            axes[o] = {0: "batch"} if o in ("pooler_output", "text_embeds") else {0: "batch", 1: "sequence"}
-        specs.append((name, module, (ids,), ["input_ids"], outputs, axes, fp16, ()))
-
-    side = _example_latent_side(unet)
-    example = list(example_unet_inputs(unet, 2, side))
-    example[1] = example[1][0]  # one timestep for the batch: optimum's scalar timestep
-    names, args, axes = unet_export_spec(unet, example)
-    specs.append(("unet", TensorOutput(unet), args, names, ["out_sample"], axes, fp16,
-                  [n for n in FP32_TIME_INPUTS if n in names]))
+        text_io = pipeline_component_io(name, encoder.config, sdxl)
+        specs.append((name, TextEncoderOutputs(encoder, text_io), (ids,), text_io, fp16))
 
     vae = pipeline.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_decoder, vae_encoder = (pipeline_component_io(n, vae.config, sdxl) for n in ("vae_decoder", "vae_encoder"))
+    scale = vae_decoder.scale_factor
+    side = _example_latent_side(unet)
+    unet_io = pipeline_component_io("unet", unet.config, sdxl)
+    example = unet_io.sample_input(2, side, image_side=side * scale)
+    specs.append(("unet", TensorOutput(unet), unet_io.export_inputs(example), unet_io, fp16))
+
     gen = torch.Generator().manual_seed(0)
     latent = torch.randn(1, vae.config.latent_channels, side, side, generator=gen)
     image = torch.randn(1, vae.config.in_channels, side * scale, side * scale, generator=gen)
     vae_precision = "io" if fp16 else False
-    specs.append(("vae_encoder", VaeEncoderOutputs(vae), (image,), ["sample"], ["latent_parameters"],
-                  {"sample": {0: "batch", 2: "height", 3: "width"},
-                   "latent_parameters": {0: "batch", 2: "latent_height", 3: "latent_width"}}, vae_precision, ()))
-    specs.append(("vae_decoder", VaeDecoderOutputs(vae), (latent,), ["latent_sample"], ["sample"],
-                  {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
-                   "sample": {0: "batch", 2: "height", 3: "width"}}, vae_precision, ()))
+    specs.append(("vae_encoder", VaeEncoderOutputs(vae), (image,), vae_encoder, vae_precision))
+    specs.append(("vae_decoder", VaeDecoderOutputs(vae), (latent,), vae_decoder, vae_precision))
     return specs
 
 
@@ -206,7 +188,7 @@ def export_pipeline(pipeline, folder: str | Path, fp16: bool = False, opset: int
     started = time.perf_counter()
     folder = Path(folder)
     unet = unet if unet is not None else pipeline.unet
-    if unet_input_names(unet)[2:3] != ("encoder_hidden_states",):
+    if not is_conditional(unet):
         raise ValueError(f"{type(unet).__name__} is not a text-conditioned UNet; export it with export_unet")
     sdxl = is_sdxl(pipeline)
     _replaceable(folder)  # fail before the work, not after
@@ -221,13 +203,13 @@ def export_pipeline(pipeline, folder: str | Path, fp16: bool = False, opset: int
     try:
         for m in modules:
             m.eval()
-        for name, module, args, inputs, outputs, axes, precision, fp32_inputs in _component_specs(pipeline, unet, sdxl,
-                                                                                                    fp16):
+        for name, module, args, io, precision in _component_specs(pipeline, unet, sdxl, fp16):
             t0 = time.perf_counter()
             sub = staging / name
             sub.mkdir()
-            model, weights = export_graph(module, args, inputs, outputs, axes, opset, staging / ".work")
-            model = finish_model(model, weights, fp16=precision, clean=clean, fp32_inputs=fp32_inputs)
+            model, weights = export_graph(module, args, io.input_names(), io.output_names(), io.dynamic_axes(), opset,
+                                          staging / ".work")
+            model = finish_model(model, weights, fp16=precision, clean=clean, fp32_inputs=io.fp32_inputs)
             write_model(model, weights, sub, ONNX_NAME)
             del model, weights
             shutil.rmtree(staging / ".work")

@@ -1,11 +1,12 @@
 """TensorRT engines from exported ONNX: precision flags, 2:4 sparse weights, optimization profiles, a timing cache.
 
-Written against the TensorRT 10 Python API (type-checked in CI against ``tensorrt-stubs``); ``tensorrt``
-is imported only when an engine is built, and its absence is a :class:`DeployKitError` saying so.
-The module imports nothing else from deploykit (its errors fall back to local classes), so a device bundle
-ships it as ``trt_build.py`` for its build script (``deploykit/export/bundle_build.py``).
-Everything that does not need TensorRT (profile shapes from an ONNX graph and a target, engine names,
-reading the build log) is a plain function, tested without it.
+The engine stage builds with it on this machine; a device bundle's ``build_engines.py`` carries copies of
+the functions it needs (each marked ``# Copied from deploykit.engines.tensorrt...``, checked by
+``utils/check_copies.py``). Written against the TensorRT 10 Python API (type-checked in CI against
+``tensorrt-stubs``); ``tensorrt`` is imported only when an engine is built, and its absence is a
+:class:`DeployKitError` saying so. Everything that does not need TensorRT (engine names, flags, reading
+the build log) is a plain function, tested without it. Optimization profiles come from the model's
+description (:meth:`deploykit.models.io_spec.ComponentIO.input_profile`).
 
 Precision:
 
@@ -30,14 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-try:
-    from deploykit.errors import DeployKitError, InputError
-except ImportError:  # copied into a device bundle as trt_build.py, where deploykit is not installed
-    class DeployKitError(Exception):  # type: ignore[no-redef]
-        """A build failure (deploykit.errors.DeployKitError where deploykit is installed)."""
-
-    class InputError(DeployKitError):  # type: ignore[no-redef]
-        """Bad input (deploykit.errors.InputError where deploykit is installed)."""
+from deploykit.errors import DeployKitError, InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -77,52 +71,6 @@ def engine_name(gpu_name: str, trt_version: str, precision: str, sparse: bool = 
     'nvidia-h100-80gb-hbm3_trt10.13.0.35_fp16.engine'
     """
     return f"{_slug(gpu_name)}_trt{_slug(trt_version)}_{precision}{'-sparse' if sparse else ''}.engine"
-
-
-@dataclass(frozen=True)
-class ShapeRanges:
-    """min / opt / max per named dynamic axis (``batch``, ``height``, ``width``, ``sequence``)."""
-
-    axes: Mapping[str, tuple[int, int, int]]
-
-    def __post_init__(self) -> None:
-        for axis, (lo, opt, hi) in self.axes.items():
-            if not (1 <= lo <= opt <= hi):
-                raise InputError(f"engine profile: {axis} needs 1 <= min <= opt <= max, got {lo}, {opt}, {hi}")
-
-
-def profile_shapes(inputs: Mapping[str, Sequence[int | str]], ranges: ShapeRanges) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shapes per input of an ONNX graph whose dims are ints or axis names.
-
-    ``inputs``: input name -> dims as :func:`deploykit.export.onnx.graph_signature` gives them (a dim
-    is an int, or the name of a dynamic axis). Every named axis must have a range; a 0-d input (a
-    scalar timestep) gets empty shapes.
-    """
-    out: dict[str, tuple[tuple[int, ...], ...]] = {}
-    for name, dims in inputs.items():
-        shapes: list[list[int]] = [[], [], []]
-        for dim in dims:
-            if isinstance(dim, int) and dim > 0:
-                triple = (dim, dim, dim)
-            elif isinstance(dim, str) and dim in ranges.axes:
-                triple = ranges.axes[dim]
-            else:
-                known = ", ".join(sorted(ranges.axes)) or "none"
-                raise InputError(f"engine profile: input {name!r} has a dynamic axis {dim!r} with no range "
-                                 f"(ranges given for: {known})")
-            for i in range(3):
-                shapes[i].append(triple[i])
-        out[name] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
-    return out
-
-
-def default_ranges(batch: tuple[int, int, int], side: tuple[int, int, int], sequence: int | None = None) -> ShapeRanges:
-    """The axes deploykit's UNet exports name: ``batch``, square ``height`` / ``width`` (latent or pixel
-    side), ``sequence`` (text tokens, fixed)."""
-    axes = {"batch": batch, "height": side, "width": side}
-    if sequence is not None:
-        axes["sequence"] = (sequence, sequence, sequence)
-    return ShapeRanges(axes)
 
 
 _SPARSE_PATTERNS = (
@@ -221,7 +169,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
                  strongly_typed: bool = False, optimization_level: int = 3, verbose: bool = True) -> BuildResult:
     """Build and write a serialized TensorRT engine from ``onnx_path`` (external data beside it is read).
 
-    ``profiles``: input name -> (min, opt, max) shapes, one optimization profile (see :func:`profile_shapes`);
+    ``profiles``: input name -> (min, opt, max) shapes, one optimization profile (a component description's ``input_profile``);
     ``timing_cache``: loaded when the file exists, written back after the build (tactic timings are
     reused across builds on the same GPU); ``log_path``: the builder's messages (kVERBOSE when
     ``verbose``, which is where TensorRT lists the layers it ran sparse). The engine file appears only

@@ -6,13 +6,17 @@
     python3 run.py bench --backend onnxruntime-cpu --out results.json   the same on the CPU (the stand-in)
     python3 run.py serve --port 8000                              the student over HTTP (POST /generate)
 
-Needs numpy, and for ``--backend tensorrt`` TensorRT's Python bindings (JetPack: python3-libnvinfer) and
-torch with CUDA for the device buffers (JetPack's torch wheel); for ``--backend onnxruntime-cpu``
-onnxruntime. The engines come from ``build_engines.sh`` (see README.txt).
+Needs numpy and Pillow (JetPack: python3-numpy, python3-pil; ``verify`` checks both), and for ``--backend
+tensorrt`` TensorRT's Python bindings (JetPack: python3-libnvinfer) and torch with CUDA for the device buffers
+(JetPack's torch wheel); for ``--backend onnxruntime-cpu`` onnxruntime. The engines come from
+``build_engines.sh`` (see README.txt).
 
-This file is ``deploykit/export/bundle_run.py`` in deploykit's source tree, copied into every bundle as
-``run.py``; it imports nothing from deploykit, so the device needs only what is named above. Its
-TensorRT code is written against the TensorRT 10 API and type-checked against tensorrt-stubs in CI.
+This file is ``deploykit/device/scripts/run.py`` in deploykit's source tree, copied into every bundle as it is;
+it imports nothing from deploykit, so the device needs only what is named above. It feeds each graph by the
+roles bundle.json gives its inputs and outputs (deploykit.models.io_spec's description of the model), not by
+their names. Where it repeats a deploykit helper the copy is marked ``# Copied from`` (``utils/check_copies.py``
+keeps it equal to its source). Its TensorRT code is written against the TensorRT 10 API and type-checked
+against tensorrt-stubs in CI.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import io
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
-import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,21 +50,23 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = "bundle.json"
 ENGINES_JSON = "engines/engines.json"
 BACKENDS = ("tensorrt", "onnxruntime-cpu")
-FORMAT = 1
+FORMAT = 2
 
 
 class BundleError(Exception):
     """A problem with the bundle or this machine, said in one line (exit code 2)."""
 
 
+# Copied from deploykit.device.scripts.build_engines.log
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def sha256_file(path: Path) -> str:
+# Copied from deploykit.io.sha256_file
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
@@ -88,11 +96,49 @@ def verify(root: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def missing_libraries() -> list[str]:
+    """The libraries run.py needs beyond numpy (imported above) that this Python cannot import."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError:
+        return ["Pillow, which writes the served PNGs (JetPack: sudo apt install python3-pil; else pip3 install pillow)"]
+    return []
+
+
+# Copied from deploykit.io._umask
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Copied from deploykit.io.atomic_write_chunks
+def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` one after the other, atomically: a large file never has to fit in memory whole."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Copied from deploykit.io.atomic_write_bytes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write_chunks(path, [data])
+
+
+# Copied from deploykit.io.atomic_write_text
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,12 +173,16 @@ def device_info() -> dict:
     return info
 
 
+# Copied from deploykit.device.scripts.build_engines.gpu_label
 def gpu_label() -> str:
-    """The GPU engines are built for and named after: the board on a Jetson (an AGX Orin and an Orin Nano are
-    both "Orin" to CUDA), else CUDA's device name."""
-    model = _read("/proc/device-tree/model")
-    if model:
-        return model
+    """The board on a Jetson (/proc/device-tree/model: an AGX Orin and an Orin Nano are both "Orin" to CUDA),
+    else CUDA's device name (torch, then nvidia-smi)."""
+    try:
+        model = Path("/proc/device-tree/model").read_bytes().replace(b"\x00", b"").decode().strip()
+        if model:
+            return model
+    except OSError:
+        pass
     try:
         import torch
 
@@ -140,6 +190,11 @@ def gpu_label() -> str:
             return str(torch.cuda.get_device_name(0))
     except ImportError:
         pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
     return "unknown-gpu"
 
 
@@ -286,23 +341,26 @@ def load_model(root: Path, manifest: dict, component: str, backend: str) -> Mode
 # bench
 
 
+def constant_feed(spec: dict, batch: int) -> np.ndarray:
+    """An input bundle.json gives a value for (SDXL's time_ids): that row, once per row of the batch."""
+    return np.tile(np.asarray(spec["value"], dtype=np.dtype(spec["dtype"])), (batch, 1))
+
+
 def unet_feeds(manifest: dict, seed: int) -> dict[str, np.ndarray]:
-    """One UNet call's inputs at the bundle's bench shape (the same arrays for teacher and student)."""
+    """One UNet call's inputs at the bundle's bench shape (the same arrays for teacher and student), drawn by role."""
     rng = np.random.default_rng(seed)
     steps = manifest.get("scheduler", {}).get("config", {}).get("num_train_timesteps", 1000)
     feeds = {}
     for spec in manifest["bench"]["inputs"]:
-        dtype = np.dtype(spec["dtype"])
-        if spec["name"] in ("timestep", "timesteps"):
-            value = rng.integers(0, steps, size=tuple(spec["shape"])) if spec["shape"] else rng.integers(0, steps)
-            feeds[spec["name"]] = np.array(value, dtype=dtype)
-        elif spec["name"] == "time_ids":
-            side = manifest.get("resolution") or 1024
-            feeds[spec["name"]] = np.tile(np.array([side, side, 0, 0, side, side], dtype=dtype), (spec["shape"][0], 1))
+        dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+        if spec["role"] == "timestep":
+            feeds[spec["name"]] = np.array(rng.integers(0, steps, size=shape) if shape else rng.integers(0, steps), dtype=dtype)
+        elif "value" in spec:
+            feeds[spec["name"]] = constant_feed(spec, shape[0])
         elif np.issubdtype(dtype, np.floating):
-            feeds[spec["name"]] = rng.standard_normal(tuple(spec["shape"])).astype(dtype)
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[spec["name"]] = rng.integers(0, 100, size=tuple(spec["shape"])).astype(dtype)
+            feeds[spec["name"]] = rng.integers(0, 100, size=shape).astype(dtype)
     return feeds
 
 
@@ -357,7 +415,8 @@ def bench(root: Path, manifest: dict, backend: str, warmup: int, runs: int, seed
     models = {role: load_model(root, manifest, f"{role}/unet", backend) for role in ("teacher", "student")}
     feeds = unet_feeds(manifest, seed)
     calls = {role: m.bind(feeds) for role, m in models.items()}
-    shape = list(feeds[manifest["bench"]["inputs"][0]["name"]].shape)
+    sample = next(spec["name"] for spec in manifest["bench"]["inputs"] if spec["role"] == "sample")
+    shape = list(feeds[sample].shape)
     log(f"{backend}: teacher vs student UNet, input {'x'.join(map(str, shape))}, {warmup} warm-up and {runs} timed pairs")
     started = time.time()
     pair = measure_pair(calls["teacher"], calls["student"], warmup, runs)
@@ -551,9 +610,27 @@ class DDIM:
         return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
 
 
-def _time_feed(spec: dict, t: int, batch: int) -> np.ndarray:
-    dtype = np.dtype(spec["dtype"])
-    return np.array(t, dtype=dtype) if not spec["shape"] else np.full((batch,), t, dtype=dtype)
+class Component:
+    """A graph of the bundle, fed and read by the roles bundle.json gives its inputs and outputs."""
+
+    def __init__(self, root: Path, manifest: dict, name: str, backend: str) -> None:
+        self.model = load_model(root, manifest, name, backend)
+        spec = manifest["components"][name]
+        self.inputs = {t["role"]: t for t in spec["inputs"]}
+        self.outputs = {t["role"]: t["name"] for t in spec["outputs"]}
+
+    def __call__(self, values: dict[str, np.ndarray], output: str) -> np.ndarray:
+        """The output of role ``output`` for the inputs of the roles in ``values`` (and the bundle's constants)."""
+        batch = next(iter(values.values())).shape[0]
+        feeds = {self.inputs[role]["name"]: x for role, x in values.items()}
+        feeds.update({t["name"]: constant_feed(t, batch) for t in self.inputs.values() if "value" in t})
+        return self.model(feeds)[self.outputs[output]].astype(np.float32)
+
+    def timestep(self, t: int, batch: int) -> np.ndarray:
+        """``t`` as this UNet takes it: one value for the batch (a 0-d input) or one per row."""
+        spec = self.inputs["timestep"]
+        dtype = np.dtype(spec["dtype"])
+        return np.array(t, dtype=dtype) if not spec["shape"] else np.full((batch,), t, dtype=dtype)
 
 
 class Generator:
@@ -565,9 +642,8 @@ class Generator:
         self.kind = manifest["kind"]
         sched = manifest["scheduler"]
         self.scheduler_args = (sched["config"], bool(sched["clip_sample"]), bool(sched["set_alpha_to_one"]))
-        self.unet = load_model(root, manifest, "student/unet", backend)
-        self.unet_inputs = {s["name"]: s for s in manifest["bench"]["inputs"]}
-        self.sample_shape = manifest["bench"]["inputs"][0]["shape"][1:]  # (C, h, w) at the bundle's resolution
+        self.unet = Component(root, manifest, "student/unet", backend)
+        self.sample_shape = self.unet.inputs["sample"]["shape"][1:]  # (C, h, w) at the bundle's resolution
         self.size = manifest.get("resolution") or self.sample_shape[-1]
         if self.kind == "sd":
             pipe = manifest.get("pipeline")
@@ -575,21 +651,17 @@ class Generator:
                 raise BundleError("this bundle ships the UNets only (bundle.pipeline: false): it benchmarks, it does not "
                                   "make images")
             self.tokenizer = ClipTokenizer(root / pipe["tokenizer"])
-            self.text_encoder = load_model(root, manifest, "student/text_encoder", backend)
-            self.vae_decoder = load_model(root, manifest, "student/vae_decoder", backend)
+            self.text_encoder = Component(root, manifest, "student/text_encoder", backend)
+            self.vae_decoder = Component(root, manifest, "student/vae_decoder", backend)
             self.scaling_factor = float(pipe["vae_scaling_factor"])
         elif self.kind != "pixel":
             raise BundleError(f"run.py serve makes images of SD 1.x/2.x and pixel UNets, not {self.kind}")
 
     def _unet(self, x: np.ndarray, t: int, hidden: np.ndarray | None) -> np.ndarray:
-        feeds = {"sample": x}
-        for name in ("timestep", "timesteps"):
-            if name in self.unet_inputs:
-                feeds[name] = _time_feed(self.unet_inputs[name], t, x.shape[0])
+        values = {"sample": x, "timestep": self.unet.timestep(t, x.shape[0])}
         if hidden is not None:
-            feeds["encoder_hidden_states"] = hidden
-        out = self.unet(feeds)
-        return next(iter(out.values())).astype(np.float32)
+            values["text"] = hidden
+        return self.unet(values, "noise")
 
     def generate(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int,
                  noise: np.ndarray | None = None) -> np.ndarray:
@@ -601,8 +673,7 @@ class Generator:
         guided = self.kind == "sd" and guidance_scale > 1.0
         if self.kind == "sd":
             ids = self.tokenizer([negative_prompt, prompt] if guided else [prompt])
-            out = self.text_encoder({"input_ids": ids})
-            hidden = (out["last_hidden_state"] if "last_hidden_state" in out else next(iter(out.values())))
+            hidden = self.text_encoder({"tokens": ids}, "text")
         for t in scheduler.timesteps(steps):
             x_in = np.concatenate([x, x]) if guided else x
             eps = self._unet(x_in, int(t), hidden)
@@ -611,23 +682,18 @@ class Generator:
                 eps = uncond + guidance_scale * (cond - uncond)
             x = scheduler.step(eps, int(t), x)
         if self.kind == "sd":
-            out = self.vae_decoder({"latent_sample": x / self.scaling_factor})
-            x = next(iter(out.values())).astype(np.float32)
+            x = self.vae_decoder({"latent": x / self.scaling_factor}, "image")
         pixels = np.clip((x[0] + 1) * 127.5, 0, 255).round().astype(np.uint8)
         return pixels.transpose(1, 2, 0)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit grey (H, W, 1) or RGB (H, W, 3) image as PNG, with the standard library only."""
-    height, width, channels = image.shape
-    color = {1: 0, 3: 2}[channels]
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(height))
+    """An 8-bit grey (H, W, 1) or RGB (H, W, 3) image as PNG."""
+    from PIL import Image
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,9 +799,9 @@ def make_handler(generator: Generator, max_steps: int) -> type[BaseHTTPRequestHa
 
 
 def serve(root: Path, manifest: dict, backend: str, host: str, port: int, max_steps: int, warmup: bool) -> None:
-    problems = verify(root, manifest)
+    problems = verify(root, manifest) + [f"missing {x}" for x in missing_libraries()]
     if problems:
-        raise BundleError("the bundle does not match bundle.json: " + "; ".join(problems[:5]))
+        raise BundleError("cannot serve: " + "; ".join(problems[:5]))
     generator = Generator(root, manifest, backend)
     if warmup:
         generator.generate("warm-up", "", 1, 7.5, 0)
@@ -759,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.py", description="Benchmark and serve a deploykit device bundle.")
     parser.add_argument("--bundle", default=str(HERE), help="the bundle folder (default: this script's)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("verify", help="check every file against bundle.json")
+    sub.add_parser("verify", help="check every file against bundle.json, and that numpy and Pillow import")
     p = sub.add_parser("bench", help="time teacher and student UNet steps, interleaved, same inputs")
     p.add_argument("--backend", choices=BACKENDS, default="tensorrt")
     p.add_argument("--out", default="results.json", help="results JSON (default results.json; - for stdout)")
@@ -777,12 +843,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(root)
         if args.command == "verify":
-            problems = verify(root, manifest)
+            problems = verify(root, manifest) + [f"missing {x}" for x in missing_libraries()]
             for p_ in problems:
                 log(p_)
             if problems:
                 return 2
-            log(f"{len(manifest['files'])} files match {MANIFEST}")
+            log(f"{len(manifest['files'])} files match {MANIFEST}; numpy and Pillow import")
             return 0
         if args.command == "bench":
             warmup = manifest["bench"]["warmup"] if args.warmup is None else args.warmup

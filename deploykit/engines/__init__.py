@@ -1,0 +1,1 @@
+"""Inference engines built from exported ONNX graphs: TensorRT (:mod:`deploykit.engines.tensorrt`)."""
