@@ -162,3 +162,18 @@ def test_the_real_images_split_into_two_fixed_disjoint_halves():
     assert set(reference[:, 0].tolist()) | set(floor[:, 0].tolist()) == set(range(1797))
     again, _ = split_reference(real)
     assert torch.equal(again, reference)
+
+
+def test_both_halves_hold_images_the_feature_classifier_never_saw_in_equal_share():
+    """The zoo classifier holds out a random fifth of the digits; had the split reused its permutation, one
+    half would hold all of them and score differently for that reason alone."""
+    from deploykit.eval import split_reference
+    from deploykit.zoo.data import split_indices
+    from deploykit.zoo.registry import ClassifierTraining
+
+    cfg = ClassifierTraining()
+    _, held = split_indices(1797, cfg.held_out, cfg.seed)
+    unseen = torch.zeros(1797, 1)
+    unseen[held] = 1
+    for half in split_reference(unseen):
+        assert float(half.mean()) == pytest.approx(cfg.held_out, abs=0.02)
