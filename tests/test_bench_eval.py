@@ -1,10 +1,9 @@
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from deploykit.bench import latency
-from deploykit.eval import frechet_distance, psnr_ssim, save_comparison_grid
+from deploykit.eval import psnr_ssim, save_comparison_grid
 
 
 def test_measure_pair_interleaves_and_reports_p50_ratio(monkeypatch):
@@ -29,15 +28,6 @@ def test_measure_pair_interleaves_and_reports_p50_ratio(monkeypatch):
     assert timed[:4] == ["T", "S", "S", "T"], "pairs alternate who goes first"
 
 
-def test_frechet_distance_is_zero_for_equal_stats_and_grows_with_the_mean_shift():
-    rng = np.random.default_rng(0)
-    feats = rng.standard_normal((500, 8))
-    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
-    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
-    shift = np.full(8, 0.5)
-    assert frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx(float(shift @ shift), rel=1e-6)
-
-
 def test_psnr_ssim_against_the_teacher():
     ref = torch.rand(4, 1, 16, 16) * 2 - 1
     same = psnr_ssim(ref.clone(), ref)
@@ -52,3 +42,30 @@ def test_comparison_grid_is_a_png_with_one_block_per_model(tmp_path):
     img = Image.open(tmp_path / "grid.png")
     # two blocks of 4 columns x (16 + 1) px, scaled 2x, with a 16 px gap
     assert img.width == 2 * (4 * 17 * 2) + 16
+
+
+def test_eval_scores_fid_and_kid_against_a_reference_the_floor_is_not_drawn_from(built_artifact):
+    """The real-image floor is recomputed here from the other half of the real images; a floor drawn
+    from the reference itself (as before) gives a different, smaller number."""
+    import json
+
+    from deploykit.eval import extract_features, feature_stats, frechet_distance, split_reference
+    from deploykit.stages.data import feature_extractor, teacher_meta, training_images
+
+    out, _, _ = built_artifact
+    report = json.loads((out / "report.json").read_text())
+    ev = report["eval"]
+    ref, split = ev["reference"], ev["reference"]["split"]
+    for role in ("teacher", "pruned", "student"):
+        assert {"fid", "kid"} <= set(report[role]["quality"]) and role in ref["kid"]["std"]
+    assert split["reference_images"] + 898 == split["real_images"] == 1797
+    assert split["floor_images"] == ev["num_samples"] == ref["kid"]["subset_size"] == 32
+
+    teacher_dir = next(out.glob("stages/*/teacher.json")).parent
+    extractor, real = feature_extractor(teacher_dir), training_images(teacher_meta(teacher_dir))
+    reference, floor = split_reference(real)
+    stats = feature_stats(extract_features(extractor, reference))
+    assert ref["fid_real_subset"] == pytest.approx(
+        frechet_distance(*feature_stats(extract_features(extractor, floor[:32])), *stats), rel=1e-9)
+    inside = reference[:32]  # the old floor: a subset of the reference itself
+    assert frechet_distance(*feature_stats(extract_features(extractor, inside)), *stats) < ref["fid_real_subset"]

@@ -225,7 +225,9 @@ def test_tiny_sd_quantizes_benches_and_loads_in_optimum(tmp_path):
     result = run_cli("build", str(recipe), "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["speedup_int8"]["onnxruntime-cpu"] > 0
+    teacher, int8 = (report[role]["latency"]["onnxruntime-cpu"] for role in ("teacher", "student-int8"))
+    assert teacher["runs"] == int8["runs"] == 3 and teacher["device"] and int8["device"]
+    assert report["speedup_int8"]["onnxruntime-cpu"] == pytest.approx(teacher["p50_ms"] / int8["p50_ms"], rel=1e-12)
     assert report["int8"]["calibration"]["batches"] == 4  # 2 prompts x 2 steps, batch 2 (guidance)
     assert report["int8"]["gate"]["status"] == "not checked"
     assert int8_layers(out / "onnx_int8" / "unet" / "model.onnx")["/unet/conv_in/Conv"]["weight"] is False

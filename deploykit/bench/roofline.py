@@ -25,7 +25,6 @@ CPU pass adds the odd layout copy (a group norm of a transposed input) that the 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from deploykit.models.ops import attention_macs
 
 # ops that only reinterpret metadata: no kernel, no traffic
 _FREE_OPS = {
@@ -61,10 +62,7 @@ def _numel_bytes(t: torch.Tensor) -> int:
 
 
 def _attention_flops(args: Sequence) -> float:
-    q, k, v = args[0], args[1], args[2]
-    *batch, length, d = q.shape
-    source, dv = k.shape[-2], v.shape[-1]
-    return 2.0 * math.prod(batch) * length * source * (d + dv)
+    return 2.0 * attention_macs(args[0].shape, args[1].shape, args[2].shape)
 
 
 class _CostMode(TorchDispatchMode):

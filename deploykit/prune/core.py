@@ -11,11 +11,9 @@ applies it to a copy of the model whose weights live on the meta device and coun
 from shapes alone. Only the chosen plan is applied to real weights. On the full SD1.5 UNet this makes
 a trial about a second instead of a deep copy, a trace, a prune and a forward pass.
 
-MACs on meta tensors are checked against :func:`deploykit.models.ops.count_macs` on the real model
-once, before the search: on the meta device scaled-dot-product attention decomposes into counted
-matmuls, while torch's CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) has no flop
-formula and counts nothing. Whichever convention ``count_macs`` follows, the trials follow it too (or,
-if neither matches, run on real weights).
+MACs on meta tensors are checked against :func:`deploykit.models.ops.measure_macs` on the real model
+once, before the search (both count attention from its shapes, so they agree unless a layer's cost
+depends on values); if they differ, the trials run on real weights.
 
 Attention (diffusers ``Attention``: to_q / to_k / to_v, scaled-dot-product attention, to_out.0) is
 pruned here rather than by torch-pruning's channel ranking, in one of three ways (``PruneConfig.attention``):
@@ -45,13 +43,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from deploykit.models.inputs import unet_of
-from deploykit.models.ops import count_macs, count_params
+from deploykit.models.ops import Macs, count_params, measure_macs
 from deploykit.models.sync import sync_diffusers_attributes
 from deploykit.models.wrappers import TensorOutput
 from deploykit.prune.importance import get_criterion
@@ -89,8 +85,10 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
-    macs_before: int
+    macs_before: int                # MACs per call, attention included (models.ops.measure_macs)
     macs_after: int
+    macs_dense_layers_before: int   # convolutions and linear layers only, as published tables count
+    macs_dense_layers_after: int
     params_before: int
     params_after: int
     pruning_ratio: float
@@ -433,50 +431,31 @@ def _fold_attention_scale(pruned: nn.Module, head_dims: dict[str, int]) -> None:
                 attn.to_q.bias.mul_(factor)
 
 
-class _AttentionScoresUncounted(TorchFunctionMode):
-    """SDPA returns an empty output without computing: softmax(QK^T)V then costs no MACs, as on CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            query, value = args[0] if args else kwargs["query"], args[2] if len(args) > 2 else kwargs["value"]
-            return query.new_empty(*query.shape[:-1], value.shape[-1])
-        return func(*args, **kwargs)
-
-
 class _MacsCounter:
-    """MACs of a planned model, counted as ``count_macs`` counts the real one, on meta weights where that agrees."""
+    """MACs of a planned model, counted as ``measure_macs`` counts the real one, on meta weights where that agrees."""
 
     def __init__(self, source: nn.Module, example_inputs: Sequence[torch.Tensor]):
         self.source, self.inputs = source, tuple(example_inputs)
         self.meta_inputs = tuple(t.to("meta") for t in example_inputs)
-        self.reference = count_macs(source, example_inputs)
-        self.cache: dict[tuple, int] = {}  # plans that differ only in which indices go cost the same
-        self.mode = "real"
-        for mode in ("meta", "meta-no-attention-scores"):
-            self.mode = mode
-            if self._count(_Planned({}, {})) == self.reference:
-                break
-        else:
-            self.mode = "real"
+        self.reference = measure_macs(source, example_inputs)
+        self.cache: dict[tuple, Macs] = {}  # plans that differ only in which indices go cost the same
+        self.on_meta = True  # what _count reads: try the meta skeleton first
+        self.on_meta = self._count(_Planned({}, {})) == self.reference
 
-    def __call__(self, planned: _Planned) -> int:
-        key = (self.mode, tuple(sorted((name, getattr(fn, "__qualname__", str(fn)), dim, len(idxs))
-                                       for (name, fn, dim), idxs in planned.plan.items())),
+    def __call__(self, planned: _Planned) -> Macs:
+        key = (tuple(sorted((name, getattr(fn, "__qualname__", str(fn)), dim, len(idxs))
+                            for (name, fn, dim), idxs in planned.plan.items())),
                tuple(sorted(planned.heads.items())))
         if key not in self.cache:
             self.cache[key] = self._count(planned)
         return self.cache[key]
 
-    def _count(self, planned: _Planned) -> int:
-        if self.mode == "real":
-            return count_macs(_materialise(self.source, planned), self.inputs)
+    def _count(self, planned: _Planned) -> Macs:
+        if not self.on_meta:
+            return measure_macs(_materialise(self.source, planned), self.inputs)
         skeleton = _structure_copy(self.source, _on_meta)
         _apply(skeleton, planned)
-        if self.mode == "meta":
-            return count_macs(skeleton, self.meta_inputs)
-        with _AttentionScoresUncounted():
-            return count_macs(skeleton, self.meta_inputs)
+        return measure_macs(skeleton, self.meta_inputs)
 
 
 def _materialise(model: nn.Module, planned: _Planned) -> nn.Module:
@@ -540,25 +519,26 @@ def prune_to_macs(
     try:
         planner = _Planner(source, example_inputs, config, ignored, importance)
         trial_macs = _MacsCounter(source, example_inputs)
-        macs_before = trial_macs.reference
+        before = trial_macs.reference
         params_before = count_params(source)
 
-        best: tuple[float, _Planned, int] | None = None
+        best: tuple[float, _Planned, Macs] | None = None
         lo, hi = 0.0, config.max_layer_ratio
         trials: list[dict] = []
         for _ in range(config.search_steps):
             ratio = (lo + hi) / 2
             planned = planner.plan(ratio)
             macs = trial_macs(planned)
-            trial = {"pruning_ratio": round(ratio, 5), "macs_ratio": round(macs / macs_before, 5)}
+            macs_ratio = macs.total / before.total
+            trial = {"pruning_ratio": round(ratio, 5), "macs_ratio": round(macs_ratio, 5)}
             trials.append(trial)
             if on_trial:
                 on_trial(trial)
-            if macs / macs_before <= config.macs_target:
+            if macs_ratio <= config.macs_target:
                 if best is None or ratio < best[0]:
                     best = (ratio, planned, macs)
                 hi = ratio
-                if config.macs_target - macs / macs_before <= config.tolerance:
+                if config.macs_target - macs_ratio <= config.tolerance:
                     break
             else:
                 lo = ratio
@@ -579,6 +559,7 @@ def prune_to_macs(
     search_seconds = time.perf_counter() - started
     pruned.zero_grad(set_to_none=True)
     pruned.eval()
-    macs_after = best[2]  # counted as count_macs counts (checked against it in _MacsCounter)
-    return pruned, PruneResult(macs_before, macs_after, params_before, count_params(pruned), ratio, trials,
+    after = best[2]  # counted as measure_macs counts (checked against it in _MacsCounter)
+    return pruned, PruneResult(before.total, after.total, before.dense_layers, after.dense_layers,
+                               params_before, count_params(pruned), ratio, trials,
                                criterion_seconds, search_seconds, calibration)

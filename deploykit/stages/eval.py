@@ -1,4 +1,7 @@
-"""eval: FID against the real data, PSNR / SSIM against the teacher, and a sample grid.
+"""eval: FID and KID against the real data, PSNR / SSIM against the teacher, and a sample grid.
+
+FID and KID score against one half of the real images; the other half gives the floor (real images
+scored the same way), so the floor is never measured against images it contains.
 
 SD pipelines have no data set here: their students are compared with the teacher image by image,
 the same prompt and seed through both. A random-weights teacher is not evaluated at all.
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from deploykit.eval import extract_features, feature_stats, fid, frechet_distance, psnr_ssim, save_comparison_grid
+from deploykit.eval import (extract_features, feature_stats, frechet_distance, kernel_inception_distance, psnr_ssim,
+                            save_comparison_grid, split_reference)
+from deploykit.eval.fid import REAL_SPLIT_SEED
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
@@ -97,13 +102,31 @@ def run(ctx: StageContext) -> dict:
     real = training_images(meta)
     reference = {}
     if extractor is not None and real is not None:
-        real_stats = feature_stats(extract_features(extractor, real))
+        # The floor (real images scored like the samples, at the same count where the split allows) comes
+        # from the half of the real images that the reference does not hold.
+        reference_images, floor_images = split_reference(real)
+        floor_images = floor_images[:cfg.num_samples]
+        real_features = extract_features(extractor, reference_images)
+        real_stats = feature_stats(real_features)
+
+        def score(images: torch.Tensor):
+            features = extract_features(extractor, images)
+            return (frechet_distance(*feature_stats(features), *real_stats),
+                    kernel_inception_distance(real_features, features, seed=ctx.seed))
+
+        kid_std = {}
         for role in roles:
-            quality[role]["fid"] = fid(extractor, samples[role], real_stats)
-        # The floor: real images scored like the samples (same count), against all of them.
-        subset = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(ctx.seed))[:cfg.num_samples]]
-        reference["fid_real_subset"] = frechet_distance(*feature_stats(extract_features(extractor, subset)), *real_stats)
-        reference["fid_features"] = "zoo classifier, 128-d penultimate layer"
+            quality[role]["fid"], kid = score(samples[role])
+            quality[role]["kid"], kid_std[role] = kid.mean, kid.std
+        floor_fid, floor_kid = score(floor_images)
+        reference.update({
+            "fid_real_subset": floor_fid, "kid_real_subset": floor_kid.mean,
+            "fid_features": "zoo classifier, 128-d penultimate layer",
+            "split": {"seed": REAL_SPLIT_SEED, "real_images": len(real), "reference_images": len(reference_images),
+                      "floor_images": len(floor_images),
+                      "rule": "real images in two disjoint halves: FID / KID reference, and the real-image floor"},
+            "kid": {"subsets": floor_kid.subsets, "subset_size": floor_kid.subset_size, "std": kid_std,
+                    "kernel": "(x.y / d + 1)^3, unbiased MMD^2 (Binkowski et al. 2018)"}})
     for role in roles:
         if role != "teacher":
             quality[role].update(psnr_ssim(samples[role], samples["teacher"]))
@@ -117,5 +140,5 @@ def run(ctx: StageContext) -> dict:
     return quality
 
 
-EVAL = StageSpec(name="eval", version="2", reads=("teacher", "student"), optional_reads=("pruned", "onnx_int8"),
+EVAL = StageSpec(name="eval", version="3", reads=("teacher", "student"), optional_reads=("pruned", "onnx_int8"),
                  writes={"eval": "."}, run=run)
