@@ -74,7 +74,7 @@ def test_builder_flags_by_precision():
 
 
 def test_stage_profile_defaults_follow_the_build():
-    from deploykit.recipe import EngineStage
+    from deploykit.stages.engine import EngineStage
     from deploykit.stages.engine import shape_ranges
 
     sd = {"kind": "sd", "sample_shape": [4, 64, 64], "resolution": 512}
