@@ -15,7 +15,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from deploykit.eval import extract_features, feature_stats, fid, frechet_distance, psnr_ssim, save_comparison_grid
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
@@ -83,6 +82,8 @@ def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
 
 
 def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
+    from deploykit.eval import psnr_ssim, save_comparison_grid
+
     cfg = ctx.config
     roles = _roles(ctx) + list(_int8_roles(ctx))
     if meta.get("random_weights"):
@@ -104,6 +105,9 @@ def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    # (here, not at the top: deploykit.eval imports torchmetrics, seconds that loading a recipe need not spend)
+    from deploykit.eval import extract_features, feature_stats, fid, frechet_distance, psnr_ssim, save_comparison_grid
+
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
     if is_pipeline(meta):
