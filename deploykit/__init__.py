@@ -1,3 +1,3 @@
-"""deploykit: prune, recover, export and benchmark diffusion models, and prove the speedup."""
+"""deploykit: prune, distill, export and benchmark diffusion models, and prove the speedup."""
 
 __version__ = "0.1.0"

@@ -159,7 +159,7 @@ def _cmd_bench(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deploykit", description="Prune, recover, export and benchmark diffusion models.")
+    parser = argparse.ArgumentParser(prog="deploykit", description="Prune, distill, export and benchmark diffusion models.")
     parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

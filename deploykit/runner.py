@@ -27,17 +27,17 @@ from deploykit.artifact import FILES_JSON, Artifact, digest, seal_stage, verify_
 from deploykit.distributed import launched, process_state
 from deploykit.errors import DeployKitError, InputError
 from deploykit.io import sha256_file
-from deploykit.models.teacher import check_teacher_spec, random_weights_spec, teacher_kind
+from deploykit.models.teacher import random_weights_spec
 from deploykit.recipe import Recipe
-from deploykit.stages import STAGES, StageContext
-from deploykit.stages.teacher import source_digest
+from deploykit.stages import StageContext, StageSpec
+from deploykit.stages.base import Preflight
 
 
 @dataclass
 class StageRecord:
     name: str
     key: str
-    dir: str
+    folder: Path
     digest: str
     reused: bool
     seconds: float
@@ -60,26 +60,24 @@ class Runner:
         # the main process speaks for all of them
         self.console = (console or Console(stderr=True)) if self.is_main else Console(stderr=True, quiet=True)
 
-    def _stage_list(self) -> list[tuple[str, object]]:
-        teacher_cfg = {"teacher": self.recipe.teacher, "resolution": self.recipe.resolution}
-        # defaults that depend on the target are resolved here, so the cache key holds what ran
-        stages = [s.model_copy(update={"round_to": self.recipe.round_to()}) if s.stage == "prune" else s
-                  for s in self.recipe.stages]
-        return [("teacher", teacher_cfg)] + [(s.stage, s) for s in stages]
-
     def build(self) -> dict | None:
         # Everything that can be checked before writing is checked before writing.
-        check_teacher_spec(self.recipe.teacher, self.recipe_path.parent)
-        self._check_stages_fit_teacher(teacher_kind(self.recipe.teacher, self.recipe_path.parent))
-        teacher_source = source_digest(self.recipe.teacher, self.recipe_path.parent)
+        plan = self.recipe.plan()
+        preflight = Preflight(self.recipe, self.recipe_path)
+        for spec, config in plan:
+            if spec.preflight is not None:
+                spec.preflight(config, preflight)
+        # digests of what stages read from outside the artifact (the teacher's files): part of their keys
+        outside = {spec.name: spec.key_inputs(config, preflight) for spec, config in plan if spec.key_inputs is not None}
         if not self.is_main:
-            self._follow(teacher_source)
+            self._follow(plan, outside)
             return None
         self.artifact.check_writable()
-        shared = self._last_distributed_stage()
+        shared = self._last_distributed_stage(plan)
         if self.state is not None:
+            together = " and ".join(spec.name for spec, _ in plan if spec.distributed)
             self.console.print(f"{self.state.num_processes} processes: "
-                               + ("distill runs on all of them, every other stage on this one" if shared >= 0
+                               + (f"{together} on all of them, every other stage on this one" if together
                                   else "no stage of this recipe trains in parallel; the others have nothing to do"))
         with self.artifact.lock():
             removed = self.artifact.clean_partial()
@@ -87,17 +85,17 @@ class Runner:
                 self.console.print(f"[yellow]removed {len(removed)} half-written stage folder(s) of an interrupted build[/]")
             roles: dict[str, tuple[Path, str]] = {}  # role -> (folder, digest of its producing stage)
             records: list[StageRecord] = []
-            for index, (name, config) in enumerate(self._stage_list()):
-                records.append(self._run_stage(index, name, config, roles, teacher_source))
+            for index, (spec, config) in enumerate(plan):
+                records.append(self._run_stage(index, spec, config, roles, outside))
                 if index <= shared:
                     self.state.wait_for_everyone()  # the followers take this stage from the cache now
-            return self._finalize(records, roles)
+            return self._finalize(plan, records, roles)
 
-    def _last_distributed_stage(self) -> int:
+    def _last_distributed_stage(self, plan: list) -> int:
         """Index of the last stage the other processes join; -1 in one process or without such a stage."""
         if self.state is None:
             return -1
-        return max((i for i, (name, _) in enumerate(self._stage_list()) if STAGES[name].distributed), default=-1)
+        return max((i for i, (spec, _) in enumerate(plan) if spec.distributed), default=-1)
 
     def _agree_to_run(self, run: bool | None = None) -> bool:
         """The main process tells the others whether it runs a distributed stage (or takes it from the cache)."""
@@ -105,77 +103,25 @@ class Runner:
 
         return bool(broadcast_object_list([run], from_process=0)[0])
 
-    def _follow(self, teacher_source: str) -> None:
+    def _follow(self, plan: list, outside: dict) -> None:
         """A non-main process: run the distributed stages beside the main one, take every other stage's output
         from the cache once the main process has written it, and stop after the last distributed stage."""
         roles: dict[str, tuple[Path, str]] = {}
-        for index, (name, config) in enumerate(self._stage_list()[:self._last_distributed_stage() + 1]):
-            spec, inputs, key, final = self._resolve(index, name, config, roles, teacher_source)
+        for index, (spec, config) in enumerate(plan[:self._last_distributed_stage(plan) + 1]):
+            inputs, key, final = self._resolve(index, spec, config, roles, outside)
             if spec.distributed and self._agree_to_run():  # the main process decides: a cached stage is not run
-                with tempfile.TemporaryDirectory(prefix=f"deploykit-{name}-rank{self.state.process_index}-") as scratch:
+                with tempfile.TemporaryDirectory(prefix=f"deploykit-{spec.name}-rank{self.state.process_index}-") as scratch:
                     ctx = StageContext(config=config, inputs={r: p for r, (p, _) in inputs.items()}, out=Path(scratch),
-                                       work=self.artifact.work_dir(name, key), seed=self.recipe.seed, console=self.console,
-                                       recipe_dir=self.recipe_path.parent)
+                                       work=self.artifact.work_dir(spec.name, key), seed=self.recipe.seed,
+                                       console=self.console, recipe_dir=self.recipe_path.parent)
                     spec.run(ctx)
             self.state.wait_for_everyone()
             listing = final / FILES_JSON
             if not listing.is_file():
-                raise DeployKitError(f"process {self.state.process_index}: stage {name} is not in the cache after the main "
-                                     f"process ran it ({final}); is --out on a file system every machine shares?")
-            stage_digest = digest(json.loads(listing.read_text()))  # the main process has just verified or written it
-            for role, sub in spec.writes.items():
-                roles[role] = ((final / sub).resolve() if sub != "." else final, stage_digest)
-
-    def _check_stages_fit_teacher(self, kind: str) -> None:
-        where = f"{self.recipe_path}: stages"
-        quantize = self.recipe.stage("quantize")
-        if quantize is not None and quantize.backend == "modelopt":
-            from deploykit.quantize.modelopt_int8 import INSTALL_HINT, modelopt_available
-
-            if not modelopt_available():
-                raise InputError(f"{where}: quantize.backend modelopt needs nvidia-modelopt, which is not installed: "
-                                 f"{INSTALL_HINT}; or use backend onnxruntime")
-        if kind == "pipeline" and quantize is not None and quantize.max_quality_loss is not None \
-                and quantize.max_quality_loss.fid is not None:
-            raise InputError(f"{where}: quantize.max_quality_loss.fid: FID is not measured for Stable Diffusion pipelines; "
-                             "use psnr_vs_teacher / ssim_vs_teacher")
-        if self.recipe.stage("engine") is not None:
-            from deploykit.engines.tensorrt import tensorrt_missing
-
-            reason = tensorrt_missing()
-            if reason is None:
-                import torch
-
-                if not torch.cuda.is_available():
-                    reason = "TensorRT builds engines on an NVIDIA GPU and torch sees no CUDA device"
-            if reason is not None:
-                raise InputError(f"{where}: the engine stage builds TensorRT engines here, and it cannot: {reason}; "
-                                 "or remove the engine stage")
-        distill = self.recipe.stage("distill")
-        if distill is not None:
-            if kind == "pipeline" and distill.prompts is None:
-                raise InputError(f"{where}: distill.prompts: Stable Diffusion teachers are distilled on prompts; name a text "
-                                 "file with one prompt per line (relative to the recipe)")
-            if kind != "pipeline" and distill.prompts is not None:
-                raise InputError(f"{where}: distill.prompts is for Stable Diffusion teachers; {self.recipe.teacher} is a "
-                                 "pixel-space UNet, which recovers on its data set or its own samples")
-            if distill.prompts is not None:
-                from deploykit.stages.data import read_prompts
-
-                read_prompts(self._recipe_file(distill.prompts))
-        if kind == "pipeline":
-            from deploykit.prune import get_criterion
-
-            prune = self.recipe.stage("prune")
-            # gradient loops call model(x_t, t) without text conditioning; block-removal calibration has it
-            if prune is not None and get_criterion(prune.criterion).needs_gradients:
-                raise InputError(f"{where}: prune.criterion {prune.criterion} needs training images; for Stable "
-                                 "Diffusion UNets use magnitude, random or block-removal")
-        else:
-            bench = self.recipe.stage("bench")
-            if bench is not None and bench.end_to_end is not None:
-                raise InputError(f"{where}: bench.end_to_end times SD pipelines; teacher {self.recipe.teacher} is a "
-                                 "pixel-space UNet")
+                raise DeployKitError(f"process {self.state.process_index}: stage {spec.name} is not in the cache after the "
+                                     f"main process ran it ({final}); is --out on a file system every machine shares?")
+            # the main process has just verified or written it
+            _hand_over(spec, final, digest(json.loads(listing.read_text())), roles)
 
     def _recipe_values(self, spec) -> dict:
         """The recipe fields (``target``, ``name``) a stage reads besides its own config."""
@@ -184,30 +130,27 @@ class Runner:
     def _recipe_file(self, value: str) -> Path:
         return self.recipe_path.parent / value
 
-    def _resolve(self, index: int, name: str, config, roles: dict, teacher_source: str):
-        """(spec, inputs, key, final folder) of a stage, given the roles of the stages before it."""
-        spec = STAGES[name]
+    def _resolve(self, index: int, spec: StageSpec, config, roles: dict, outside: dict):
+        """(inputs, key, final folder) of a stage, given the roles of the stages before it."""
         missing = [r for r in spec.reads if r not in roles]
         if missing:
-            raise InputError(f"stage {name} needs {', '.join(missing)} from an earlier stage")
+            raise InputError(f"stage {spec.name} needs {', '.join(missing)} from an earlier stage")
         inputs = {r: roles[r] for r in spec.reads + spec.optional_reads if r in roles}
-        config_dict = config.model_dump() if hasattr(config, "model_dump") else dict(config)
-        config_dict = {k: v for k, v in config_dict.items() if k not in spec.key_ignores}
+        config_dict = {k: v for k, v in config.model_dump().items() if k not in spec.key_ignores}
         recipe_values = self._recipe_values(spec)
         if recipe_values:
             config_dict["recipe"] = recipe_values
-        input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()}
-        if name == "teacher":
-            input_digests["source"] = teacher_source
+        input_digests = {r: f"{d}:{p.name}" for r, (p, d) in inputs.items()} | outside.get(spec.name, {})
         for field_name in spec.file_fields:  # an edited prompt file is a new input
             value = config_dict.get(field_name)
             if value is not None:
                 input_digests[f"file:{field_name}"] = sha256_file(self._recipe_file(value))
-        key = stage_key(name, spec.version, config_dict, self.recipe.seed, input_digests)
-        return spec, inputs, key, self.artifact.stage_dir(index, name, key)
+        key = stage_key(spec.name, spec.version, config_dict, self.recipe.seed, input_digests)
+        return inputs, key, self.artifact.stage_dir(index, spec.name, key)
 
-    def _run_stage(self, index: int, name: str, config, roles: dict, teacher_source: str) -> StageRecord:
-        spec, inputs, key, final = self._resolve(index, name, config, roles, teacher_source)
+    def _run_stage(self, index: int, spec: StageSpec, config, roles: dict, outside: dict) -> StageRecord:
+        name = spec.name
+        inputs, key, final = self._resolve(index, spec, config, roles, outside)
         started = time.perf_counter()
         digest = None
         if final.is_dir():
@@ -226,9 +169,8 @@ class Runner:
             self.console.print(f"[bold]{name}[/]")
             summary, digest = self._execute(spec, index, name, key, config, {r: p for r, (p, _) in inputs.items()}, final,
                                             self._recipe_values(spec))
-        for role, sub in spec.writes.items():
-            roles[role] = ((final / sub).resolve() if sub != "." else final, digest)
-        return StageRecord(name, key, final.name, digest, reused, round(time.perf_counter() - started, 2), summary)
+        _hand_over(spec, final, digest, roles)
+        return StageRecord(name, key, final, digest, reused, round(time.perf_counter() - started, 2), summary)
 
     def _execute(self, spec, index, name, key, config, inputs, final: Path, recipe_values: dict) -> tuple[dict, str]:
         self.artifact.stages.mkdir(parents=True, exist_ok=True)
@@ -249,20 +191,19 @@ class Runner:
         shutil.rmtree(work, ignore_errors=True)
         return summary, digest
 
-    def _finalize(self, records: list[StageRecord], roles: dict) -> dict:
-        from deploykit.device.bundle import manifest_sha256
-        from deploykit.report import assemble, check_quality_gate, remote, write_outputs
+    def _finalize(self, plan: list, records: list[StageRecord], roles: dict) -> dict:
+        from deploykit.report import StageOutput, assemble, check_gates, merge_device_runs, write_outputs
+        from deploykit.report.remote import remove
 
-        stages = [{"name": r.name, "key": r.key, "dir": r.dir, "digest": r.digest} for r in records]
+        stages = [{"name": r.name, "key": r.key, "dir": r.folder.name, "digest": r.digest} for r in records]
+        outputs = [StageOutput(spec, config, r.folder) for (spec, config), r in zip(plan, records)]
         folders = {r: p for r, (p, _) in roles.items()}
-        report = assemble(self.recipe, folders)
+        report = assemble(self.recipe, outputs, folders)
         # device figures (`deploykit bench --host`) of this very bundle stay in the report; others are dropped
-        stale_remote = remote.merge(report, self.artifact.root,
-                                    manifest_sha256(folders["bundle"]) if "bundle" in folders else None)
+        stale_remote = merge_device_runs(report, self.artifact.root, folders)
         # before anything is written: a build that fails its quality gate leaves the artifact as it was
-        gate = check_quality_gate(report)
-        if gate:
-            self.console.print(f"[green]{gate}[/]")
+        for line in check_gates(outputs, report):
+            self.console.print(f"[green]{line}[/]")
         if self.artifact.manifest_path.is_file() and all(r.reused for r in records):
             try:
                 previous = self.artifact.read_manifest()
@@ -273,10 +214,20 @@ class Runner:
                     return current
             except (InputError, OSError, json.JSONDecodeError):
                 pass
-        remote.remove(self.artifact.root, stale_remote)
-        write_outputs(self.artifact.root, self.recipe, folders, report=report)
+        remove(self.artifact.root, stale_remote)
+        write_outputs(self.artifact.root, outputs, folders, report)
         self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages)
         return report
+
+
+def _hand_over(spec: StageSpec, final: Path, stage_digest: str, roles: dict) -> None:
+    """The roles a finished stage leaves to the stages after it; a role it rewrites keeps its earlier holder
+    under the name the stage's ``supersedes`` gives (the student before distill: ``student.pre_distill``)."""
+    for role, kept_as in spec.supersedes.items():
+        if role in roles:
+            roles[kept_as] = roles[role]
+    for role, sub in spec.writes.items():
+        roles[role] = ((final / sub).resolve() if sub != "." else final, stage_digest)
 
 
 def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,

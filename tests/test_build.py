@@ -159,7 +159,7 @@ def test_a_build_killed_mid_stage_resumes_and_leaves_no_corrupt_file(tmp_path, z
 
 
 def test_a_local_diffusers_folder_teacher_without_data(tmp_path, tiny_unet, zoo_env):
-    """A teacher from a diffusers folder: no data set is known, so recovery runs on the teacher's
+    """A teacher from a diffusers folder: no data set is known, so distill runs on the teacher's
     own samples and quality is fidelity to the teacher (no FID)."""
     tiny_unet.save_pretrained(tmp_path / "my-ddpm" / "unet", safe_serialization=True)
     recipe = tmp_path / "local.yaml"
@@ -169,7 +169,7 @@ def test_a_local_diffusers_folder_teacher_without_data(tmp_path, tiny_unet, zoo_
     out = tmp_path / "out"
     result = run_cli("build", str(recipe), "--out", str(out), env=zoo_env)
     assert result.returncode == 0, result.stderr
-    assert "recovering on 512 of its own samples" in result.stderr
+    assert "distilling on 512 of its own samples" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["teacher_source"] == "my-ddpm"
     assert "fid" not in report["student"]["quality"] and "psnr_vs_teacher" in report["student"]["quality"]

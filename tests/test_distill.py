@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from deploykit.distill import RecoveryConfig, recover
+from deploykit.distill import DistillConfig, distill
 from deploykit.io import load_tensors
 from deploykit.prune import PruneConfig, prune_to_macs
 from tests.conftest import REPO
@@ -45,9 +45,9 @@ def pair(pruned_pair):
     return tuple(copy.deepcopy(m) for m in pruned_pair)
 
 
-def test_recovery_reduces_the_kd_loss(pair):
+def test_distill_reduces_the_kd_loss(pair):
     teacher, student = pair
-    _, losses = recover(student, teacher, DDPMScheduler(), _batches, RecoveryConfig(steps=40, lr=2e-3, warmup_steps=2, denoise_weight=0.0))
+    _, losses = distill(student, teacher, DDPMScheduler(), _batches, DistillConfig(steps=40, lr=2e-3, warmup_steps=2, denoise_weight=0.0))
     first = sum(r["output_kd"] for r in losses[:8]) / 8
     last = sum(r["output_kd"] for r in losses[-8:]) / 8
     assert last < 0.7 * first
@@ -57,8 +57,8 @@ def test_recovery_reduces_the_kd_loss(pair):
 
 def test_a_killed_run_resumes_to_the_same_weights(pair, tmp_path):
     teacher, student = pair
-    cfg = RecoveryConfig(steps=10, checkpoint_every=5, lr=1e-3, warmup_steps=2)
-    uninterrupted, full_losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg)
+    cfg = DistillConfig(steps=10, checkpoint_every=5, lr=1e-3, warmup_steps=2)
+    uninterrupted, full_losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg)
 
     class Killed(Exception):
         pass
@@ -68,9 +68,9 @@ def test_a_killed_run_resumes_to_the_same_weights(pair, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg, tmp_path, on_step=kill_at_7)
+        distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg, tmp_path, on_step=kill_at_7)
     seen = []
-    resumed, losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg, tmp_path,
+    resumed, losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, cfg, tmp_path,
                               on_step=lambda s, _: seen.append(s))
     assert seen == [6, 7, 8, 9, 10], "must continue after the last checkpoint (step 5)"
     torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
@@ -80,7 +80,7 @@ def test_a_killed_run_resumes_to_the_same_weights(pair, tmp_path):
 
 def test_loss_weights_turn_terms_off(pair):
     teacher, student = pair
-    _, losses = recover(student, teacher, DDPMScheduler(), _batches, RecoveryConfig(steps=2, output_kd_weight=0))
+    _, losses = distill(student, teacher, DDPMScheduler(), _batches, DistillConfig(steps=2, output_kd_weight=0))
     assert "output_kd" not in losses[0]
     assert losses[0]["loss"] == pytest.approx(losses[0]["denoise"])
 
@@ -135,15 +135,15 @@ def test_a_zero_weight_is_neither_computed_nor_counted(pair):
     hooks = lambda model: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
     before = hooks(teacher), hooks(student)
     calls = _Calls(teacher)
-    _, losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
-                        RecoveryConfig(steps=2, output_kd_weight=0, checkpoint_every=100))
+    _, losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
+                        DistillConfig(steps=2, output_kd_weight=0, checkpoint_every=100))
     assert calls.n == 0, "denoising alone must not run the teacher"
     assert set(losses[0]) == {"step", "loss", "denoise"}
 
     weights = dict(denoise_weight=0.5, output_kd_weight=0, feature_kd_weight=2.0, attention_kd_weight=0,
                    distribution_kd_weight=3.0)
     tapped = copy.deepcopy(student)
-    _, losses = recover(tapped, teacher, DDPMScheduler(), _batches, RecoveryConfig(steps=2, checkpoint_every=100, **weights))
+    _, losses = distill(tapped, teacher, DDPMScheduler(), _batches, DistillConfig(steps=2, checkpoint_every=100, **weights))
     assert calls.n > 0
     rec = losses[-1]
     assert set(rec) == {"step", "loss", "denoise", "feature_kd", "distribution_kd"}
@@ -158,7 +158,7 @@ def test_feature_taps_project_the_pruned_widths(pair):
 
     teacher, student = pair
     trainer = DistillTrainer(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
-                             RecoveryConfig(steps=1, feature_kd_weight=1.0, attention_kd_weight=1.0, checkpoint_every=100))
+                             DistillConfig(steps=1, feature_kd_weight=1.0, attention_kd_weight=1.0, checkpoint_every=100))
     trainer.train()
     heads = trainer.accelerator.unwrap_model(trainer.model).projections
     assert {"down_blocks_0", "mid_block", "up_blocks_2", "mid_block_attentions_0"} <= set(heads)
@@ -176,7 +176,7 @@ def test_the_discriminator_waits_for_its_warmup(pair):
         snapshots[step] = ({k: v.clone() for k, v in d.state_dict().items()}, len(trainer.disc_optimizer.state), record)
 
     trainer = DistillTrainer(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
-                             RecoveryConfig(steps=4, adversarial_weight=0.1, adversarial_warmup=2, checkpoint_every=100),
+                             DistillConfig(steps=4, adversarial_weight=0.1, adversarial_warmup=2, checkpoint_every=100),
                              on_step=snapshot)
     trainer.train()
     for step in (1, 2):
@@ -188,7 +188,7 @@ def test_the_discriminator_waits_for_its_warmup(pair):
     assert any(not torch.equal(weights[k], snapshots[2][0][k]) for k in weights)
 
 
-def test_ema_weights_are_what_recovery_returns(pair):
+def test_ema_weights_are_what_distill_returns(pair):
     teacher, student = pair
     raw = []
 
@@ -196,8 +196,8 @@ def test_ema_weights_are_what_recovery_returns(pair):
         raw.append({k: v.detach().clone() for k, v in trained.state_dict().items()})
 
     trained = copy.deepcopy(student)
-    result, _ = recover(trained, teacher, DDPMScheduler(), _batches,
-                        RecoveryConfig(steps=3, lr=1e-2, warmup_steps=0, ema_decay=0.5, checkpoint_every=100), on_step=keep)
+    result, _ = distill(trained, teacher, DDPMScheduler(), _batches,
+                        DistillConfig(steps=3, lr=1e-2, warmup_steps=0, ema_decay=0.5, checkpoint_every=100), on_step=keep)
     # diffusers' EMAModel: update k (1-based) uses decay min(ema_decay, k / (9 + k)), 0 at the first
     expected = {k: v.clone() for k, v in raw[0].items()}
     for k_update, weights in enumerate(raw[1:], start=2):
@@ -210,9 +210,9 @@ def test_ema_weights_are_what_recovery_returns(pair):
 def test_gradient_accumulation_matches_one_big_batch(pair):
     teacher, student = pair
     cfg = dict(steps=2, lr=1e-3, warmup_steps=0, feature_kd_weight=0.5, checkpoint_every=100)
-    whole, whole_losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, RecoveryConfig(**cfg))
-    accumulated, losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
-                                  RecoveryConfig(gradient_accumulation=2, **cfg))
+    whole, whole_losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, DistillConfig(**cfg))
+    accumulated, losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
+                                  DistillConfig(gradient_accumulation=2, **cfg))
     torch.testing.assert_close(accumulated.state_dict(), whole.state_dict(), rtol=1e-4, atol=1e-6)
     assert [r["loss"] for r in losses] == pytest.approx([r["loss"] for r in whole_losses], rel=1e-5)  # logged: whole batch
     changed = copy.deepcopy(student).state_dict()
@@ -227,19 +227,19 @@ def test_2to4_masks_survive_dakd_with_ema(pair, mode):
     student = copy.deepcopy(student)
     masks = sparsify(student, SparsityConfig(min_features=8))
     assert masks
-    recovered, _ = recover(student, teacher, DDPMScheduler(), _batches,
-                           RecoveryConfig(steps=3, lr=1e-2, mask_mode=mode, feature_kd_weight=0.5, ema_decay=0.9,
+    distilled, _ = distill(student, teacher, DDPMScheduler(), _batches,
+                           DistillConfig(steps=3, lr=1e-2, mask_mode=mode, feature_kd_weight=0.5, ema_decay=0.9,
                                           checkpoint_every=100), masks=masks)
-    assert check_2to4(recovered, masks) == []
-    assert all((recovered.get_submodule(n).weight[~m] == 0).all() for n, m in masks.items())
+    assert check_2to4(distilled, masks) == []
+    assert all((distilled.get_submodule(n).weight[~m] == 0).all() for n, m in masks.items())
 
 
 def test_bf16_autocast_trains_an_fp32_student(pair):
     teacher, student = pair
-    recovered, losses = recover(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
-                                RecoveryConfig(steps=2, mixed_precision="bf16", feature_kd_weight=0.5, checkpoint_every=100))
+    distilled, losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
+                                DistillConfig(steps=2, mixed_precision="bf16", feature_kd_weight=0.5, checkpoint_every=100))
     assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in losses)
-    assert all(p.dtype == torch.float32 for p in recovered.parameters())
+    assert all(p.dtype == torch.float32 for p in distilled.parameters())
 
 
 # --- the stage: kill and resume, DDP under accelerate launch, Stable Diffusion prompts, the recipe --------

@@ -72,8 +72,7 @@ def test_builder_flags_by_precision():
 
 
 def test_stage_profile_defaults_follow_the_build():
-    from deploykit.recipe import EngineStage
-    from deploykit.stages.engine import shape_ranges
+    from deploykit.stages.engine import EngineStage, shape_ranges
 
     sd = {"kind": "sd", "sample_shape": [4, 64, 64], "resolution": 512, "vae_scale_factor": 8}
     assert shape_ranges(EngineStage(), sd) == ((1, 2, 2), (64, 64, 64))

@@ -117,7 +117,8 @@ def test_jetson_recipes_load(path, target, round_to, resolution):
     from deploykit.recipe import load_recipe
 
     recipe = load_recipe(REPO / path)
-    assert recipe.target == target and recipe.round_to() == round_to and recipe.resolution == resolution
+    assert recipe.target == target and recipe.resolution == resolution
+    assert dict((s.name, c) for s, c in recipe.plan())["prune"].round_to == round_to  # by target
     assert recipe.stage("bundle") is not None and recipe.stage("engine") is None
     assert recipe.topology == "sd15"  # --random-weights builds it offline
     result = run_cli("recipe", "check", path)
@@ -151,7 +152,7 @@ def test_a_local_cpu_bench_is_allowed_beside_the_bundle(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: t\nteacher: random:tiny-sd\ntarget: jetson-orin-nano\nstages:\n  - stage: prune\n"
                     "  - stage: export\n  - stage: bundle\n  - stage: bench\n    backends: [onnxruntime-cpu]\n")
-    assert load_recipe(path).round_to() == 32
+    assert dict((s.name, c) for s, c in load_recipe(path).plan())["prune"].round_to == 32
 
 
 # ----------------------------------------------------------------------------------------------

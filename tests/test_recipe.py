@@ -18,7 +18,7 @@ def test_default_recipe_is_valid():
     "body, expected",
     [
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    criterion: magnitud\n",
-         "stages[0].criterion: Input should be 'magnitude', 'random', 'taylor', 'diff-pruning', 'nici', 'cap' or 'block-removal'"),
+         "stages[0].criterion: Input should be 'block-removal', 'cap', 'diff-pruning', 'magnitude', 'nici', 'random' or 'taylor'"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    colour: red\n", "stages[0].colour: unknown key"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n    macs_target: 1.5\n", "stages[0].macs_target"),
         ("name: x\nteacher: zoo:digits\nstages:\n  - stage: prune\n  - stage: bench\n    runs: many\n",
@@ -64,6 +64,6 @@ def test_the_recipe_offers_every_registered_criterion():
     from typing import get_args
 
     from deploykit.prune import available
-    from deploykit.recipe import PruneStage
+    from deploykit.stages.prune import PruneStage
 
     assert set(get_args(PruneStage.model_fields["criterion"].annotation)) == set(available())

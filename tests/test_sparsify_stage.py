@@ -1,4 +1,4 @@
-"""2:4 masks through the pipeline: sparsify stage, recovery (fixed and SR-STE), the ONNX check, the report."""
+"""2:4 masks through the pipeline: sparsify stage, distill (fixed and SR-STE), the ONNX check, the report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploykit.distill import RecoveryConfig, recover
+from deploykit.distill import DistillConfig, distill
 from deploykit.distill.sparse import _SparseRefinedSTE
 from deploykit.errors import InputError
 from deploykit.export import export_unet
@@ -27,20 +27,20 @@ def _noise_scheduler():
     return DDPMScheduler(num_train_timesteps=1000)
 
 
-def _recover(student, teacher, masks, mode: str, steps: int = 4, lr: float = 5e-3):
-    config = RecoveryConfig(steps=steps, lr=lr, warmup_steps=0, mask_mode=mode, sr_ste_decay=2e-4, checkpoint_every=100)
-    return recover(student, teacher, _noise_scheduler(), lambda step, gen: torch.randn(8, 1, 16, 16, generator=gen),
+def _distill(student, teacher, masks, mode: str, steps: int = 4, lr: float = 5e-3):
+    config = DistillConfig(steps=steps, lr=lr, warmup_steps=0, mask_mode=mode, sr_ste_decay=2e-4, checkpoint_every=100)
+    return distill(student, teacher, _noise_scheduler(), lambda step, gen: torch.randn(8, 1, 16, 16, generator=gen),
                    config, masks=masks)
 
 
-def test_fixed_masks_survive_recovery(tiny_unet):
+def test_fixed_masks_survive_distill(tiny_unet):
     import copy
 
     teacher = copy.deepcopy(tiny_unet)
     masks = sparsify(tiny_unet, SMALL)
     before = {n: tiny_unet.get_submodule(n).weight.detach().clone() for n in masks}
     chosen = {n: m.clone() for n, m in masks.items()}
-    student, losses = _recover(tiny_unet, teacher, masks, "fixed")
+    student, losses = _distill(tiny_unet, teacher, masks, "fixed")
     assert len(losses) == 4
     assert check_2to4(student, masks) == []
     assert all(torch.equal(masks[n], chosen[n]) for n in masks)  # fixed: the same masks
@@ -65,7 +65,7 @@ def test_sr_ste_rechooses_masks_and_ends_2to4(tiny_unet):
     teacher = copy.deepcopy(tiny_unet)
     masks = sparsify(tiny_unet, SMALL)
     chosen = {n: m.clone() for n, m in masks.items()}
-    student, _ = _recover(tiny_unet, teacher, masks, "sr-ste", steps=6, lr=2e-2)
+    student, _ = _distill(tiny_unet, teacher, masks, "sr-ste", steps=6, lr=2e-2)
     assert not any(hasattr(student.get_submodule(n), "parametrizations") for n in masks)  # plain layers again
     assert set(student.state_dict()) == set(teacher.state_dict())
     assert check_2to4(student, masks) == []

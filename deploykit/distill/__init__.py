@@ -1,6 +1,7 @@
-"""Recovery of pruned students by distillation (DaKD): ``recover(student, teacher, noise_scheduler, batches, config)``."""
+"""Distillation of pruned students from their dense teacher (DaKD's loss terms):
+``distill(student, teacher, noise_scheduler, batches, config)``."""
 
-from deploykit.distill.recovery import RecoveryConfig, recover
+from deploykit.distill.core import DistillConfig, distill
 from deploykit.distill.trainer import Batch, DistillTrainer
 
-__all__ = ["Batch", "DistillTrainer", "RecoveryConfig", "recover"]
+__all__ = ["Batch", "DistillConfig", "DistillTrainer", "distill"]

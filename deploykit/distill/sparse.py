@@ -88,4 +88,4 @@ class MaskKeeper:
             apply_masks(self.student, self.masks)
         bad = check_2to4(self.student, self.masks)
         if bad:  # a bug, not bad input: every path above leaves the masked weights 2:4
-            raise RuntimeError("recovery left weights that are not 2:4: " + "; ".join(map(str, bad[:3])))
+            raise RuntimeError("distill left weights that are not 2:4: " + "; ".join(map(str, bad[:3])))

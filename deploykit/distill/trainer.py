@@ -120,7 +120,7 @@ class DistillTrainer:
 
     ``batches(step, generator)`` returns a step's whole batch of clean samples (a tensor, or a
     :class:`Batch` with conditioning), drawing any randomness from ``generator``. ``config`` is a
-    :class:`deploykit.distill.RecoveryConfig`. ``accelerator``: pass one to share it with the caller
+    :class:`deploykit.distill.DistillConfig`. ``accelerator``: pass one to share it with the caller
     (data preparation under ``main_process_first``); by default one is made from the config.
     """
 

@@ -1,5 +1,5 @@
 """The report: report.json, report.md and plots, assembled from the stage outputs."""
 
-from deploykit.report.build import assemble, check_quality_gate, write_outputs
+from deploykit.report.build import StageOutput, assemble, check_gates, merge_device_runs, write_outputs
 
-__all__ = ["assemble", "check_quality_gate", "write_outputs"]
+__all__ = ["StageOutput", "assemble", "check_gates", "merge_device_runs", "write_outputs"]

@@ -66,7 +66,7 @@ def loss_curve(path: Path, losses: list[dict]) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("loss (moving average)")
         ax.legend(fontsize=8)
-    axes[0][0].set_title("recovery fine-tuning", fontsize=9)
+    axes[0][0].set_title("distill", fontsize=9)
     if adversarial:
         axes[0][1].set_title("adversarial terms (hinge)", fontsize=9)
     _save(fig, path)

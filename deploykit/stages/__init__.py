@@ -1,4 +1,8 @@
-"""One thin module per stage: read inputs from the artifact, call the algorithm, write outputs."""
+"""The registered stages, in the order they run: one module per stage, one line here.
+
+The recipe's ``stages:`` entries validate against the registered stages' configs, the order a recipe
+must list them in is this registry's order, and the runner and report work from the registered specs.
+"""
 
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.bench import BENCH
@@ -13,7 +17,22 @@ from deploykit.stages.sparsify import SPARSIFY
 from deploykit.stages.teacher import TEACHER
 from deploykit.stages.verify import VERIFY
 
-STAGES: dict[str, StageSpec] = {s.name: s for s in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, BUNDLE, ENGINE,
-                                                          VERIFY, BENCH, EVAL)}
+STAGES: dict[str, StageSpec] = {}
 
-__all__ = ["STAGES", "StageContext", "StageSpec"]
+
+def register(spec: StageSpec) -> StageSpec:
+    """Add ``spec`` at the end of the run order."""
+    if spec.name in STAGES:
+        raise ValueError(f"a stage named {spec.name!r} is registered already")
+    tag = spec.config.model_fields.get("stage")
+    if not spec.implicit and (tag is None or tag.default != spec.name):
+        raise ValueError(f"stage {spec.name}: its config {spec.config.__name__} needs `stage: Literal[{spec.name!r}]` "
+                         "with that default (recipes name a stage by it)")
+    STAGES[spec.name] = spec
+    return spec
+
+
+for _spec in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, BUNDLE, ENGINE, VERIFY, BENCH, EVAL):
+    register(_spec)
+
+__all__ = ["STAGES", "StageContext", "StageSpec", "register"]

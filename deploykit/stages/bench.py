@@ -12,10 +12,13 @@ taken against the fp32 dense teacher.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from deploykit.bench import measure_group_against, measure_pair
 from deploykit.bench.machine import device_info
@@ -24,10 +27,82 @@ from deploykit.io import atomic_write_json
 from deploykit.models import count_macs, count_params, load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, cpu_threads
 from deploykit.sparsity import MASKS_FILE
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import (
+    Markdown,
+    Preflight,
+    PublishContext,
+    ReportContext,
+    StageConfig,
+    StageContext,
+    StageSpec,
+    StrictModel,
+)
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
 ROLES = ("teacher", "student")
+Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
+# Backends a bench stage may time on the build machine for a Jetson target (the device is timed remotely)
+JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+
+
+class EndToEnd(StrictModel):
+    """A whole generation: text encoding, ``steps`` UNet steps with classifier-free guidance, VAE decode."""
+
+    steps: int = Field(10, ge=1, le=1000)
+    runs: int = Field(3, ge=1, le=1000)
+    warmup: int = Field(1, ge=0, le=100)
+    prompt: str = Field("a photograph of an astronaut riding a horse", max_length=1000)
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
+
+
+class BenchStage(StageConfig):
+    """Latency of teacher and student per backend, interleaved in one run."""
+
+    stage: Literal["bench"] = "bench"
+    backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
+    batch_size: int | None = Field(None, ge=1, le=4096,
+                                   description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="fp16 needs a CUDA backend")
+    compile: bool = Field(False, description="torch backends: time torch.compile'd models (CUDA)")
+    semi_structured: bool = Field(True, description="torch-cuda: run a 2:4 student's masked layers on cuSPARSELt "
+                                                    "(false: the same zeros through dense kernels)")
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(50, ge=3, le=100_000)
+    end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
+    estimate: bool = Field(False, description="put a roofline estimate beside each measurement (deploykit.bench.roofline; "
+                                              "CPU peaks measured on the spot, GPU peaks from the data sheet)")
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a backend is listed twice")
+        return v
+
+
+def check(cfg: BenchStage, recipe) -> None:
+    if recipe.target in JETSON_TARGETS:  # the device is timed on the device; here only what this CPU runs
+        wrong = [b for b in cfg.backends if b not in JETSON_LOCAL_BACKENDS]
+        if wrong:
+            raise ValueError(f"bench backend {wrong[0]} would time this machine's GPU, not the {recipe.target}'s: "
+                             f"{ON_DEVICE.format(target=recipe.target)}; a local bench stage may only use "
+                             f"{', '.join(JETSON_LOCAL_BACKENDS)}")
+        if cfg.precision != "fp32":
+            raise ValueError(f"bench precision {cfg.precision}: the local bench of a Jetson target runs on the CPU in "
+                             "fp32; the device's fp16 figures come from `deploykit bench --host`")
+        return
+    wrong = [b for b in cfg.backends if not b.endswith(recipe.target)]
+    if wrong:
+        raise ValueError(f"bench backend {wrong[0]} does not run on target {recipe.target}")
+    if cfg.precision == "fp16" and recipe.target == "cpu":
+        raise ValueError("bench precision fp16 needs target cuda")
+
+
+def preflight(cfg: BenchStage, pf: Preflight) -> None:
+    if cfg.end_to_end is not None and pf.teacher_kind != "pipeline":
+        raise InputError(f"{pf.where}: bench.end_to_end times SD pipelines; teacher {pf.recipe.teacher} is a "
+                         "pixel-space UNet")
 
 
 def _onnx_dir(ctx: StageContext, role: str, fp16: bool):
@@ -218,5 +293,99 @@ def run(ctx: StageContext) -> dict:
     return {name: v["speedup"] for name, v in result["backends"].items()}
 
 
-BENCH = StageSpec(name="bench", version="2", reads=("teacher", "student"), optional_reads=("onnx", "onnx_int8"),
-                  writes={"bench": "."}, run=run)
+def _device(bench: dict, backend: str) -> str:
+    return bench["device"].get("gpu", "cuda") if backend.endswith("cuda") else bench["device"]["cpu"]
+
+
+def _timed(record: dict, name: str) -> dict | None:
+    """A model's latency in one backend's record: the teacher and student, or an INT8 graph timed beside them."""
+    timed = record[name] if name in ROLES else record.get("int8", {}).get(name)
+    return None if timed is None else {k: v for k, v in timed.items() if not k.startswith("speedup")}
+
+
+def report_section(ctx: ReportContext) -> dict:
+    bench = ctx.read_json("bench.json")
+    batch = bench["shape"][0]
+    out: dict = {}
+    for name in ctx.entries:
+        model = "student" if name == "pruned" else name
+        entry = {k: bench["models"][model][k] for k in ("params", "macs")} if model in bench["models"] else {}
+        if name != "pruned":  # the pruned model has the student's graph; it is timed once, as the student
+            entry["latency"] = {b: {**timed, "device": _device(bench, b)} for b, rec in bench["backends"].items()
+                                if (timed := _timed(rec, name)) is not None}
+        out[name] = entry
+    out["speedup"] = {b: v["speedup"] for b, v in bench["backends"].items()}
+    out["speedup_pair_median"] = {b: v["speedup_pair_median"] for b, v in bench["backends"].items()}
+    out["bench"] = {k: bench[k] for k in ("shape", "precision", "device")}
+    out["macs_note"] = f"per UNet call at batch {batch}, {'x'.join(map(str, bench['shape'][1:]))}"
+    if "end_to_end" in bench:
+        e2e = bench["end_to_end"]
+        out["end_to_end"] = {
+            **{k: e2e[k] for k in ("steps", "guidance_scale", "prompt")},
+            "backends": {b: {"teacher_p50_ms": v["teacher"]["p50_ms"], "student_p50_ms": v["student"]["p50_ms"],
+                             "speedup": v["speedup"], "runs": v["teacher"]["runs"]} for b, v in e2e["backends"].items()}}
+    if "semi_structured" in bench:
+        out["sparsity"] = {"torch_cuda": {k: bench["semi_structured"][k] for k in ("backend", "dtype", "converted", "skipped")}}
+    if "estimate" in bench:
+        out["estimate"] = bench["estimate"]
+    out.update(_int8_speedups(bench))
+    return out
+
+
+def _int8_speedups(bench: dict) -> dict:
+    """The INT8 student over the fp32 dense teacher (and the INT8 teacher over it), from the same run."""
+    speedup, detail = {}, {}
+    for b, rec in bench["backends"].items():
+        int8 = rec.get("int8", {})
+        if "student-int8" in int8:
+            v = int8["student-int8"]
+            speedup[b] = v["speedup_vs_teacher"]
+            detail[b] = {"student_int8_vs_teacher": v["speedup_vs_teacher"],
+                         "student_int8_vs_teacher_pair_median": v["speedup_vs_teacher_pair_median"],
+                         "student_int8_vs_student": rec["student"]["p50_ms"] / v["p50_ms"],
+                         **({"teacher_int8_vs_teacher": int8["teacher-int8"]["speedup_vs_teacher"]}
+                            if "teacher-int8" in int8 else {})}
+    return {"speedup_int8": speedup, "int8": {"speedup": detail}} if speedup else {}
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    rows = Markdown()
+    if "bench" in report:
+        b = report["bench"]
+        where = f"{b['device']['cpu']}, {b['device']['threads']} threads" + (f"; {b['device']['gpu']}" if "gpu" in b["device"] else "")
+        rows.caption.append(f"Latency: {b['precision']}, UNet input {'x'.join(map(str, b['shape']))}"
+                            + (f" ({report['resolution']}x{report['resolution']} images)" if "resolution" in report else "")
+                            + f", {where}; teacher and student interleaved in one run. MACs {report.get('macs_note', '')}.")
+        rows.figures.append("![latency](plots/latency.png)")
+    if "end_to_end" in report:
+        e = report["end_to_end"]
+        rows.body += [f"End to end (text encoding, {e['steps']} steps at guidance {e['guidance_scale']}, VAE decode; one image):",
+                      "", "| backend | teacher p50 s | student p50 s | speedup |", "|---|---|---|---|"]
+        rows.body += [f"| {name} | {v['teacher_p50_ms'] / 1e3:.2f} | {v['student_p50_ms'] / 1e3:.2f} | **{v['speedup']:.2f}x** |"
+                      for name, v in e["backends"].items()]
+        rows.body.append("")
+    if report.get("estimate"):  # (a remote bench adds its device's estimate beside its measurement)
+        rows.body += ["Roofline estimate beside measurement (deploykit.bench.roofline; sum over ops of max(FLOPs / peak, "
+                      "bytes / bandwidth)):", "",
+                      "| backend | model | estimate ms | measured p50 ms | measured / estimate | peaks |", "|---|---|---|---|---|---|"]
+        for name, e in report["estimate"].items():
+            if "skipped" in e:
+                rows.body.append(f"| {name} | – | – | – | – | skipped: {e['skipped']} |")
+                continue
+            d = e["device"]
+            peaks = f"{d['name']}: {max(d['matrix'].values()) / 1e9:.0f} GFLOP/s, {d['bandwidth'] / 1e9:.1f} GB/s"
+            rows.body += [f"| {name} | {role} | {e[role]['ms']:.2f} | {e[role]['measured_p50_ms']:.2f} | "
+                          f"{e[role]['measured_over_estimate']:.2f}x | {peaks} |" for role in ROLES]
+        rows.body.append("")
+    return rows
+
+
+def publish(ctx: PublishContext) -> None:
+    from deploykit.report.plots import latency_bars
+
+    latency_bars(ctx.into["plots"] / "latency.png", json.loads((ctx.folder / "bench.json").read_text()))
+
+
+BENCH = StageSpec(name="bench", version="2", config=BenchStage, reads=("teacher", "student"),
+                  optional_reads=("onnx", "onnx_int8"), writes={"bench": "."}, run=run, check=check, preflight=preflight,
+                  report=report_section, markdown=markdown_rows, publish=publish)

@@ -11,22 +11,80 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
 from deploykit import __version__
+from deploykit.artifact import FILES_JSON
 from deploykit.device.bundle import FORMAT, copy_folder, finish, link_or_copy
 from deploykit.errors import InputError
 from deploykit.models.io_spec import ComponentIO, Range, VAEDecoderIO, pipeline_component_io
 from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import example_inputs, is_pipeline, teacher_meta
-from deploykit.stages.engine import graph_unet_io, has_qdq, shape_ranges
+from deploykit.stages.engine import graph_unet_io, has_qdq, min_opt_max, shape_ranges
+from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
 ROLES = ("teacher", "student")
 ONNX = "model.onnx"
+
+
+class BundleStage(StageConfig):
+    """A self-contained bundle for a Jetson (``bundle/`` in the artifact): the exported ONNX graphs, a script that
+    builds TensorRT engines on the device with its own TensorRT, and ``run.py``, which benchmarks teacher against
+    student and serves the student with no deploykit installed. ``deploykit bench ARTIFACT --host user@device``
+    copies it over SSH, builds, runs and brings the figures back.
+
+    Engine settings mean what they mean in the engine stage; the profiles default to the build's shapes
+    (batch 1..B with B optimal, the recipe's resolution fixed).
+    """
+
+    stage: Literal["bundle"] = "bundle"
+    precision: Literal["fp16", "int8", "best"] = Field(
+        "fp16", description="TensorRT precision: int8 needs a quantize stage's INT8 QDQ UNets; best uses them where present")
+    sparse_weights: Literal["auto", "on", "off"] = Field(
+        "auto", description="BuilderFlag.SPARSE_WEIGHTS (trtexec --sparsity=enable): auto turns it on for a model "
+                            "carrying 2:4 masks")
+    onnx: Literal["fp32", "fp16"] = Field(
+        "fp32", description="graphs shipped: fp32 (TensorRT builds fp16 from it with the FP16 flag; what the "
+                            "onnxruntime-cpu stand-in runs) or fp16 (half the bytes to copy and for TensorRT to parse: "
+                            "8 GB devices; needs export.fp16)")
+    pipeline: bool = Field(True, description="SD: also ship the student's text encoder, VAE decoder, tokenizer and "
+                                             "scheduler, so that `run.py serve` makes images (false: UNets only)")
+    batch_size: int | None = Field(None, ge=1, le=4096,
+                                   description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the engines' optimization profile")
+    resolution: tuple[int, int, int] | None = Field(
+        None, description="min, opt, max image side in pixels of the profile (default: the recipe's resolution, fixed)")
+    workspace_gb: float = Field(2.0, gt=0, le=1024, description="TensorRT builder workspace on the device")
+    optimization_level: int = Field(3, ge=0, le=5)
+    timing_cache: bool = Field(True, description="reuse tactic timings across builds on the device (engines/timing.cache)")
+    warmup: int = Field(10, ge=0, le=100_000, description="run.py bench: warm-up pairs")
+    runs: int = Field(50, ge=3, le=100_000, description="run.py bench: timed teacher / student pairs")
+
+    _ordered = field_validator("batch", "resolution")(min_opt_max)
+
+
+def check(cfg: BundleStage, recipe) -> None:
+    if recipe.target not in JETSON_TARGETS:
+        raise ValueError(f"bundle makes an on-device bundle for a Jetson target ({', '.join(JETSON_TARGETS)}); "
+                         f"target {recipe.target} builds and times on this machine (engine / bench stages)")
+    export = recipe.stage("export")
+    if cfg.onnx == "fp16" and export is not None and not export.fp16:
+        raise ValueError("bundle.onnx fp16 ships the fp16 graphs: set export.fp16: true")
+    if cfg.precision == "int8" and recipe.stage("quantize") is None:
+        raise ValueError("bundle.precision int8 needs INT8 QDQ UNets: add a quantize stage before the bundle")
+
+
+def required(recipe) -> str | None:
+    """Engines for a Jetson are built on the Jetson, from the bundle."""
+    if recipe.target in JETSON_TARGETS:
+        return f"target {recipe.target} needs a bundle stage (after export): {ON_DEVICE.format(target=recipe.target)}"
+    return None
 
 
 def _source_dir(ctx: StageContext, role: str) -> Path:
@@ -153,5 +211,35 @@ def run(ctx: StageContext) -> dict:
     return {"files": len(written["files"])}
 
 
-BUNDLE = StageSpec(name="bundle", version="2", reads=("teacher", "student", "onnx"), optional_reads=("onnx_int8",),
-                   writes={"bundle": "."}, run=run, recipe_fields=("target", "name"))
+def report_section(ctx: ReportContext) -> dict:
+    bundle = ctx.read_json("bundle.json")
+    return {"bundle": {"target": bundle["target"], "files": len(bundle["files"]), "engine": bundle["engine"],
+                       "components": {c: {"onnx": v["onnx"], "int8": v["int8"], "sparse": v["sparse"]}
+                                      for c, v in bundle["components"].items()},
+                       "serves": bundle["kind"] == "pixel" or bool(bundle.get("pipeline")),
+                       "estimate": bundle.get("estimate")}}
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "bundle" not in report:
+        return None
+    b = report["bundle"]
+    sparse = [c for c, v in b["components"].items() if v["sparse"]]
+    est = b.get("estimate")
+    return Markdown(body=[
+        f"Device bundle `bundle/` for the {b['target']}: {', '.join(b['components'])} as ONNX, built into "
+        f"TensorRT {b['engine']['precision']} engines on the device by its build_engines.sh"
+        + (f" (2:4 sparse weights: {', '.join(sparse)})" if sparse else "")
+        + f"; run.py times teacher against student there{' and serves the student' if b['serves'] else ''}. "
+        "`deploykit bench ARTIFACT --host user@device` runs it over SSH."
+        + (f" Roofline estimate on the {est['device']['name']} ({est['precision']}): teacher {est['teacher']['ms']:.2f} ms, "
+           f"student {est['student']['ms']:.2f} ms per UNet call ({est['speedup']:.2f}x)." if est else "")])
+
+
+def publish(ctx: PublishContext) -> None:
+    copy_folder(ctx.folder, ctx.into["bundle"], skip=(FILES_JSON,))
+
+
+BUNDLE = StageSpec(name="bundle", version="2", config=BundleStage, reads=("teacher", "student", "onnx"),
+                   optional_reads=("onnx_int8",), writes={"bundle": "."}, run=run, recipe_fields=("target", "name"),
+                   check=check, required=required, report=report_section, markdown=markdown_rows, publish=publish)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from deploykit.errors import InputError
-from deploykit.eval.features import DigitsClassifier
 from deploykit.io import load_tensors
+
+if TYPE_CHECKING:  # deploykit.eval imports torchmetrics, seconds that loading a recipe need not spend
+    from deploykit.eval.features import DigitsClassifier
 
 TEACHER_JSON = "teacher.json"
 FEATURES = "features.safetensors"
@@ -30,6 +33,8 @@ def training_images(meta: dict) -> torch.Tensor | None:
 
 
 def feature_extractor(teacher_dir: Path) -> DigitsClassifier | None:
+    from deploykit.eval.features import DigitsClassifier
+
     path = teacher_dir / FEATURES
     if not path.is_file():
         return None

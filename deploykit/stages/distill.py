@@ -1,26 +1,29 @@
-"""distill: DaKD recovery of the pruned student against the dense teacher.
+"""distill: the pruned student, fine-tuned against the dense teacher with DaKD's loss terms.
 
 The data never comes from outside: a zoo teacher brings its own training set; a Stable Diffusion
 teacher is distilled on a prompt file: the teacher generates latents from the prompts, those are
 noised, and its own predictions on them are the targets (the text embeddings of each prompt, and
-the empty prompt's for one row in ten, go with them); any other teacher recovers on its own samples.
+the empty prompt's for one row in ten, go with them); any other teacher is distilled on its own samples.
 Generated samples are kept in the stage's work folder, so a resumed run does not generate them again.
 
 In one process inside ``deploykit build``; under ``accelerate launch`` every process runs this stage
 (DDP, :mod:`deploykit.distill.trainer`), the main process first generates the data, and only it
 writes. A 2:4 student (masks beside its weights, from sparsify) leaves this stage 2:4, with its
-masks (re-chosen under ``mask_mode: sr-ste``) written beside the recovered weights.
+masks (re-chosen under ``mask_mode: sr-ste``) written beside the distilled weights.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from deploykit.distill import Batch, DistillTrainer, RecoveryConfig
+from deploykit.distill import Batch, DistillConfig, DistillTrainer
 from deploykit.distill.checkpoint import Checkpoint
 from deploykit.distill.trainer import make_accelerator
 from deploykit.errors import InputError
@@ -29,7 +32,7 @@ from deploykit.models import load_model, save_model
 from deploykit.models.io_spec import SDXLUNetIO
 from deploykit.runtime import make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.sparsity import MASKS_FILE, load_masks, save_masks
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import is_pipeline, load_teacher_pipeline, noise_scheduler, read_prompts, teacher_meta, training_images
 
 SAMPLES_FILE = "teacher_samples.safetensors"
@@ -37,6 +40,79 @@ SAMPLES_FILE = "teacher_samples.safetensors"
 # unconditional prediction to push against; the student needs one as well.
 UNCOND_SHARE = 0.1
 PROMPT_BATCH = 8  # prompts per generation call (x2 UNet rows under guidance)
+FINAL_STEPS = 50  # the final loss is the mean over the last steps, on the console and in the report
+
+
+class DistillStage(StageConfig):
+    """Fine-tuning of the student against the dense teacher: DaKD's loss terms, each with a weight (0 turns it off).
+
+    The defaults are denoising + output KD. Runs in one process inside ``deploykit build``, or over
+    several processes / GPUs / machines when the build is started with ``accelerate launch`` (DDP).
+    """
+
+    stage: Literal["distill"] = "distill"
+    steps: int = Field(300, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1, le=4096, description="samples per optimizer step, over all processes and "
+                                                           "accumulation steps")
+    lr: float = Field(5e-4, gt=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    denoise_weight: float = Field(1.0, ge=0, description="||eps_student - eps||^2 (Diff-Pruning's recovery)")
+    output_kd_weight: float = Field(1.0, ge=0, description="||eps_student - eps_teacher||^2")
+    feature_kd_weight: float = Field(0.0, ge=0, description="block outputs, ||f_s - f_t||^2 / ||f_t||^2 (LAPTOP-Diff)")
+    attention_kd_weight: float = Field(0.0, ge=0, description="attention outputs, normalised like feature KD")
+    distribution_kd_weight: float = Field(0.0, ge=0, description="tau^2 KL(softmax(eps_t / tau) || softmax(eps_s / tau)) "
+                                                                  "over spatial positions")
+    distribution_temperature: float = Field(1.0, gt=0, le=100, description="tau of the distribution term")
+    adversarial_weight: float = Field(0.0, ge=0, description="hinge GAN term of a small discriminator on the noise "
+                                                             "prediction")
+    adversarial_warmup: int = Field(100, ge=0, description="steps before the discriminator and its term start")
+    discriminator_lr: float = Field(2e-4, gt=0, lt=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs (needs target cuda)")
+    gradient_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the student's weights, saved as the result (0 = off)")
+    checkpoint_every: int = Field(50, ge=1)
+    mask_mode: Literal["fixed", "sr-ste"] = Field(
+        "fixed", description="a 2:4 student's masks: fixed (re-applied after every step) or sr-ste (re-chosen every step "
+                             "from the dense weights, straight-through gradients, decay on the pruned weights)")
+    sr_ste_decay: float = Field(2e-4, ge=0, lt=1, description="sr-ste: lambda of the decay on masked-out weights")
+    prompts: str | None = Field(None, min_length=1, description="Stable Diffusion teachers: a text file of prompts, one "
+                                                                "per line (relative to the recipe)")
+    teacher_samples: int = Field(512, ge=1, le=1_000_000,
+                                 description="teachers without a data set (SD, local folders): samples the teacher "
+                                             "generates as training data (SD: cycled over the prompts)")
+    teacher_sample_steps: int = Field(25, ge=1, le=1000, description="DDIM steps per generated sample")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="SD: classifier-free guidance of the generated samples")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        weights = [self.denoise_weight, self.output_kd_weight, self.feature_kd_weight, self.attention_kd_weight,
+                   self.distribution_kd_weight, self.adversarial_weight]
+        if not any(weights):
+            raise ValueError("every loss weight is 0 (denoise_weight, output_kd_weight, ...): nothing to train on")
+        if self.batch_size % self.gradient_accumulation:
+            raise ValueError(f"batch_size {self.batch_size} does not split into gradient_accumulation "
+                             f"{self.gradient_accumulation} equal micro-batches")
+        if self.adversarial_weight > 0 and self.adversarial_warmup >= self.steps:
+            raise ValueError(f"adversarial_warmup {self.adversarial_warmup} >= steps {self.steps}: the adversarial term "
+                             "would never start")
+        return self
+
+
+def check(cfg: DistillStage, recipe) -> None:
+    if cfg.mixed_precision != "no" and recipe.target == "cpu":
+        raise ValueError(f"distill.mixed_precision {cfg.mixed_precision} needs target cuda (on a CPU training runs in fp32)")
+
+
+def preflight(cfg: DistillStage, pf: Preflight) -> None:
+    sd = pf.teacher_kind == "pipeline"
+    if sd and cfg.prompts is None:
+        raise InputError(f"{pf.where}: distill.prompts: Stable Diffusion teachers are distilled on prompts; name a text "
+                         "file with one prompt per line (relative to the recipe)")
+    if not sd and cfg.prompts is not None:
+        raise InputError(f"{pf.where}: distill.prompts is for Stable Diffusion teachers; {pf.recipe.teacher} is a "
+                         "pixel-space UNet, which is distilled on its data set or its own samples")
+    if cfg.prompts is not None:
+        read_prompts(pf.file(cfg.prompts))
 
 
 def _cached(ctx: StageContext, make: Callable[[], dict[str, torch.Tensor]], is_main: bool) -> dict[str, torch.Tensor]:
@@ -52,7 +128,7 @@ def _cached(ctx: StageContext, make: Callable[[], dict[str, torch.Tensor]], is_m
 
 def _own_samples(ctx: StageContext, meta: dict, teacher: torch.nn.Module, device: torch.device) -> torch.Tensor:
     cfg = ctx.config
-    ctx.console.print(f"  no data set known for this teacher: recovering on {cfg.teacher_samples} of its own samples")
+    ctx.console.print(f"  no data set known for this teacher: distilling on {cfg.teacher_samples} of its own samples")
     noise = torch.randn(cfg.teacher_samples, *meta["sample_shape"], generator=torch.Generator().manual_seed(ctx.seed))
     model = teacher.to(device)
     with torch.no_grad():
@@ -152,7 +228,7 @@ def run(ctx: StageContext) -> dict:
     with accelerator.main_process_first():  # the main process generates (and keeps) any data first
         batches = _batches(ctx, meta, teacher, accelerator)
 
-    config = RecoveryConfig.from_fields(cfg, seed=ctx.seed)
+    config = DistillConfig.from_fields(cfg, seed=ctx.seed)
     checkpoints = Checkpoint(ctx.work / "checkpoints")
     if checkpoints.exists():
         ctx.console.print(f"  resuming from the checkpoint at step {checkpoints.step()}")
@@ -160,7 +236,7 @@ def run(ctx: StageContext) -> dict:
         ctx.console.print(f"  {accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
                           f"{cfg.batch_size // shards} samples each per micro-step")
     started = time.perf_counter()
-    with ctx.progress("recovering student", cfg.steps - checkpoints.step()) as advance:
+    with ctx.progress("distilling the student", cfg.steps - checkpoints.step()) as advance:
         # a resumed run starts part-way: the bar counts from the checkpoint
         trainer = DistillTrainer(student, teacher, noise_scheduler(meta), batches, config, checkpoint_dir=checkpoints.folder,
                                  on_step=lambda step, rec: advance(info=_info(rec)), masks=masks, accelerator=accelerator)
@@ -177,12 +253,46 @@ def run(ctx: StageContext) -> dict:
         record["sparsity"] = {"mask_mode": cfg.mask_mode, "layers": len(masks), "mask_bits_changed": changed}
         ctx.console.print(f"  2:4 kept on {len(masks)} layers ({cfg.mask_mode}; {changed:.2%} of mask bits changed)")
     atomic_write_json(ctx.out / "distill.json", record)
-    last = losses[-min(50, len(losses)):]
+    last = losses[-min(FINAL_STEPS, len(losses)):]
     mean = sum(r["loss"] for r in last) / len(last)
     ctx.console.print(f"  {cfg.steps} steps, loss over the last {len(last)}: {mean:.4f}"
                       + (" (EMA weights saved)" if cfg.ema_decay else ""))
     return {"final_loss": mean}
 
 
-DISTILL = StageSpec(name="distill", version="2", reads=("teacher", "student"), writes={"student": "."}, run=run,
-                    file_fields=("prompts",), distributed=True)
+def report_section(ctx: ReportContext) -> dict:
+    distill = ctx.read_json("distill.json")
+    last = distill["losses"][-min(FINAL_STEPS, len(distill["losses"])):]
+    config = distill["config"]
+    out: dict = {"distill": {
+        "steps": config["steps"], "final_loss": sum(r["loss"] for r in last) / len(last),
+        "weights": {k.removesuffix("_weight"): v for k, v in config.items() if k.endswith("_weight") and v},
+        "final_terms": {k: sum(r[k] for r in last if k in r) / max(1, sum(k in r for r in last))
+                        for k in dict.fromkeys(k for r in last for k in r) if k not in ("step", "loss")},
+        "ema_decay": config.get("ema_decay", 0.0), "processes": distill.get("processes", 1)}}
+    if "sparsity" in distill:  # (report key kept from when this stage was called recovery)
+        out["sparsity"] = {"recovery": distill["sparsity"]}
+    return out
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "distill" not in report:
+        return None
+    d = report["distill"]
+    terms = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in d.get("weights", {}).items())
+    return Markdown(body=[f"Distill: {d['steps']} steps" + (f" ({terms})" if terms else "")
+                          + (f", EMA {d['ema_decay']:g}" if d.get("ema_decay") else "")
+                          + (f", {d['processes']} processes" if d.get("processes", 1) > 1 else "")
+                          + f", final loss {d['final_loss']:.4f}."])
+
+
+def publish(ctx: PublishContext) -> None:
+    from deploykit.report.plots import loss_curve
+
+    loss_curve(ctx.into["plots"] / "distill_loss.png", json.loads((ctx.folder / "distill.json").read_text())["losses"])
+
+
+# The student it replaces stays available as student.pre_distill: the report's "pruned" model.
+DISTILL = StageSpec(name="distill", version="2", config=DistillStage, reads=("teacher", "student"), writes={"student": "."},
+                    supersedes={"student": "student.pre_distill"}, run=run, file_fields=("prompts",), distributed=True,
+                    check=check, preflight=preflight, report=report_section, markdown=markdown_rows, publish=publish)

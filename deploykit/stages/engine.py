@@ -6,26 +6,80 @@ ran sparse), a shared ``timing.cache`` and ``engines.json``. Sources: the fp32 g
 FP16 flag; an INT8 QDQ graph (``onnx_int8``, from a quantize stage) for ``int8`` and, where present,
 ``best``. SD pipelines: the UNet only (text encoder and VAE run in ONNX Runtime or torch).
 
-The runner refuses a recipe with this stage before writing anything when ``import tensorrt`` fails
-(:func:`deploykit.engines.tensorrt.tensorrt_missing`).
+A build with this stage stops before writing anything when ``import tensorrt`` fails here
+(:func:`deploykit.engines.tensorrt.tensorrt_missing`) or there is no GPU (its preflight).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Literal
 
-from deploykit.engines.tensorrt import build_engine, engine_name, gpu_name, precision_flags, require_tensorrt
+from pydantic import Field, field_validator
+
+from deploykit.engines.tensorrt import build_engine, engine_name, gpu_name, precision_flags, require_tensorrt, tensorrt_missing
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models.architecture import ARCH_NAME
 from deploykit.models.io_spec import Range, UNetIO, unet_io
 from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import is_pipeline, teacher_meta
+from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
 ROLES = ("teacher", "student")
+
+
+def min_opt_max(v):
+    """An optimization profile's (min, opt, max), as TensorRT requires them ordered."""
+    if v is not None and not (1 <= v[0] <= v[1] <= v[2]):
+        raise ValueError(f"needs 1 <= min <= opt <= max, got {list(v)}")
+    return v
+
+
+class EngineStage(StageConfig):
+    """TensorRT engines of the teacher's and the student's UNet from the export stage's ONNX (needs TensorRT and a GPU).
+
+    Profiles default to the build's shapes: batch 1..B with B optimal (bench's batch, else 2 for SD and
+    32 otherwise) and the recipe's resolution fixed. ``int8`` needs an INT8 QDQ graph from a quantize
+    stage (role ``onnx_int8``); ``best`` uses it where present, fp16 otherwise.
+    """
+
+    stage: Literal["engine"] = "engine"
+    precision: Literal["fp16", "int8", "best"] = "fp16"
+    sparse_weights: Literal["auto", "on", "off"] = Field(
+        "auto", description="BuilderFlag.SPARSE_WEIGHTS: auto turns it on when the student carries 2:4 masks")
+    workspace_gb: float = Field(4.0, gt=0, le=1024)
+    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the optimization profile")
+    resolution: tuple[int, int, int] | None = Field(
+        None, description="min, opt, max image side in pixels (default: the recipe's resolution, fixed)")
+    timing_cache: bool = Field(True, description="reuse tactic timings across builds (engines/timing.cache)")
+    optimization_level: int = Field(3, ge=0, le=5)
+
+    _ordered = field_validator("batch", "resolution")(min_opt_max)
+
+
+def check(cfg: EngineStage, recipe) -> None:
+    if recipe.target == "cpu":
+        raise ValueError("engine builds TensorRT engines, which run on target cuda, not cpu")
+    if recipe.target in JETSON_TARGETS:  # engines for a Jetson are built on the Jetson
+        raise ValueError(f"engine builds TensorRT engines on this machine, which a {recipe.target} cannot run "
+                         f"(engines are built on the device): use a bundle stage; {ON_DEVICE.format(target=recipe.target)}")
+
+
+def preflight(cfg: EngineStage, pf: Preflight) -> None:
+    reason = tensorrt_missing()
+    if reason is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            reason = "TensorRT builds engines on an NVIDIA GPU and torch sees no CUDA device"
+    if reason is not None:
+        raise InputError(f"{pf.where}: the engine stage builds TensorRT engines here, and it cannot: {reason}; "
+                         "or remove the engine stage")
 
 
 def shape_ranges(cfg, meta: dict, bench_batch: int | None = None) -> tuple[Range, Range]:
@@ -106,5 +160,33 @@ def run(ctx: StageContext) -> dict:
     return {}
 
 
-ENGINE = StageSpec(name="engine", version="1", reads=("teacher", "student", "onnx"), optional_reads=("onnx_int8",),
-                   writes={"engines": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    engines = ctx.read_json("engines.json")
+    return {"engines": {role: {k: v[k] for k in ("path", "precision", "gpu", "tensorrt", "flags", "seconds", "profiles")}
+                        | {"sparse_layers": {"eligible": len(v["sparse"].get("eligible", [])),
+                                             "picked": len(v["sparse"].get("picked", [])),
+                                             "lines": v["sparse"].get("lines", [])}}
+                        for role, v in engines.items()}}
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "engines" not in report:
+        return None
+    lines = []
+    for role, e in report["engines"].items():
+        sparse = e["sparse_layers"]
+        ran = (f"; sparse: {sparse['picked']} of {sparse['eligible']} eligible layers ran sparse"
+               if "SPARSE_WEIGHTS" in e["flags"] else "")
+        lines.append(f"TensorRT {e['tensorrt']} engine of the {role} on {e['gpu']}: `{e['path']}` ({e['precision']}, "
+                     f"flags {', '.join(e['flags']) or 'none'}, built in {e['seconds']:.0f} s{ran}).")
+    return Markdown(body=lines)
+
+
+def publish(ctx: PublishContext) -> None:
+    if (ctx.folder / "student").is_dir():
+        shutil.copytree(ctx.folder / "student", ctx.into["engines"], dirs_exist_ok=True)
+
+
+ENGINE = StageSpec(name="engine", version="1", config=EngineStage, reads=("teacher", "student", "onnx"),
+                   optional_reads=("onnx_int8",), writes={"engines": "."}, run=run, check=check, preflight=preflight,
+                   report=report_section, markdown=markdown_rows, publish=publish)

@@ -12,24 +12,48 @@ sample from the same noise / prompts and seeds and are scored the same way, agai
 
 from __future__ import annotations
 
-import torch
+import shutil
+from typing import Literal
 
-from deploykit.eval import (extract_features, feature_stats, frechet_distance, kernel_inception_distance, psnr_ssim,
-                            save_comparison_grid, split_reference)
-from deploykit.eval.fid import REAL_SPLIT_SEED
+import torch
+from pydantic import Field
+
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import COMPARED_MODELS, Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import feature_extractor, is_pipeline, load_teacher_pipeline, teacher_meta, training_images
+
+DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
+                   "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset")
+# the direction in which each metric gets worse: loss = (int8 - fp32) * sign
+WORSE = {"fid": 1.0, "psnr_vs_teacher": -1.0, "ssim_vs_teacher": -1.0}
+
+
+class EvalStage(StageConfig):
+    """Quality: FID on the zoo's features, PSNR / SSIM against the teacher, a sample grid.
+
+    SD teachers: PSNR / SSIM of the student's images against the teacher's, from the same prompts and seeds.
+    """
+
+    stage: Literal["eval"] = "eval"
+    num_samples: int = Field(512, ge=1, le=1_000_000)
+    steps: int = Field(25, ge=1, le=1000, description="sampling steps per image")
+    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+                               description="SD teachers: prompts, cycled over num_samples")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
+    batch_size: int = Field(128, ge=1, le=4096)
+    grid_samples: int = Field(32, ge=1, le=256)
 
 
 def _roles(ctx: StageContext) -> list[str]:
-    roles = [r for r in ("teacher", "pruned", "student") if r in ctx.inputs]
-    # "pruned" and "student" are the same folder when no recovery stage ran
-    if "pruned" in roles and ctx.inputs.get("pruned") == ctx.inputs.get("student"):
-        roles.remove("pruned")
-    return roles
+    """The models compared, by their report names (``pruned``: the student before distill, where distill ran)."""
+    return [name for name, role in COMPARED_MODELS.items() if role in ctx.inputs]
+
+
+def _model_dir(ctx: StageContext, name: str):
+    return ctx.inputs[COMPARED_MODELS[name]] / "model"
 
 
 def _int8_roles(ctx: StageContext) -> dict:
@@ -42,7 +66,7 @@ def _int8_roles(ctx: StageContext) -> dict:
 
 def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
     cfg = ctx.config
-    model = load_model(ctx.inputs[role.removesuffix("-int8")] / "model")
+    model = load_model(_model_dir(ctx, role.removesuffix("-int8")))
     if role.endswith("-int8"):
         from deploykit.runtime.onnx_unet import with_onnx_forward
 
@@ -61,6 +85,8 @@ def _pipeline_samples(ctx: StageContext, meta: dict, role: str) -> torch.Tensor:
 
 
 def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
+    from deploykit.eval import psnr_ssim, save_comparison_grid
+
     cfg = ctx.config
     roles = _roles(ctx) + list(_int8_roles(ctx))
     if meta.get("random_weights"):
@@ -82,6 +108,18 @@ def _run_pipeline(ctx: StageContext, meta: dict) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    # (here, not at the top: deploykit.eval imports torchmetrics, seconds that loading a recipe need not spend)
+    from deploykit.eval import (
+        extract_features,
+        feature_stats,
+        frechet_distance,
+        kernel_inception_distance,
+        psnr_ssim,
+        save_comparison_grid,
+        split_reference,
+    )
+    from deploykit.eval.fid import REAL_SPLIT_SEED
+
     cfg = ctx.config
     meta = teacher_meta(ctx.inputs["teacher"])
     if is_pipeline(meta):
@@ -91,7 +129,7 @@ def run(ctx: StageContext) -> dict:
     noise = torch.randn(cfg.num_samples, *meta["sample_shape"], generator=torch.Generator().manual_seed(ctx.seed))
     samples = {}
     for role in roles:
-        backend = OnnxRuntimeBackend(int8[role]) if role in int8 else TorchBackend(load_model(ctx.inputs[role] / "model"))
+        backend = OnnxRuntimeBackend(int8[role]) if role in int8 else TorchBackend(load_model(_model_dir(ctx, role)))
         scheduler = make_scheduler(cfg.scheduler, meta["scheduler_config"])
         total = cfg.steps * ((cfg.num_samples + cfg.batch_size - 1) // cfg.batch_size)
         with ctx.progress(f"sampling {role}", total) as advance:
@@ -140,5 +178,40 @@ def run(ctx: StageContext) -> dict:
     return quality
 
 
-EVAL = StageSpec(name="eval", version="3", reads=("teacher", "student"), optional_reads=("pruned", "onnx_int8"),
-                 writes={"eval": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    evaluation = ctx.read_json("eval.json")
+    quality = evaluation["quality"]
+    out: dict = {name: {"quality": quality.get(name, {})} for name in ctx.entries}
+    out["eval"] = {k: evaluation[k] for k in ("num_samples", "steps", "scheduler", "reference", "skipped") if k in evaluation}
+    if "student-int8" in quality:  # what INT8 cost: the INT8 student against the fp32 one, on the same noise
+        fp32, int8 = quality.get("student", {}), quality["student-int8"]
+        out["int8"] = {"quality_loss": {m: (int8[m] - fp32[m]) * WORSE[m] for m in WORSE if m in fp32 and m in int8}}
+    return out
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "eval" not in report:
+        return None
+    ev = report["eval"]
+    if ev.get("skipped"):
+        return Markdown(body=[f"Quality not measured: {ev['skipped']}."])
+    if report.get("teacher_kind", "pixel") != "pixel":
+        line = (f"Quality: {ev['num_samples']} images, {ev['steps']} {ev['scheduler']} steps; PSNR / SSIM of each "
+                "model's images against the teacher's from the same prompts and seeds.")
+    else:
+        ref = ev.get("reference", {})
+        line = (f"Quality: {ev['num_samples']} samples, {ev['steps']} {ev['scheduler'].upper()} steps, the same noise "
+                "for every model. FID on the zoo classifier's features against the real data"
+                + (f" (real images scored the same way: {ref['fid_real_subset']:.3f})" if "fid_real_subset" in ref else "")
+                + "; PSNR / SSIM of each model's samples against the teacher's.")
+    return Markdown(body=[line], figures=["![samples](samples/teacher_vs_student.png)"])
+
+
+def publish(ctx: PublishContext) -> None:
+    if (ctx.folder / "samples.png").is_file():
+        shutil.copyfile(ctx.folder / "samples.png", ctx.into["samples"] / "teacher_vs_student.png")
+
+
+EVAL = StageSpec(name="eval", version="3", config=EvalStage, reads=("teacher", "student"),
+                 optional_reads=("student.pre_distill", "onnx_int8"), writes={"eval": "."}, run=run,
+                 report=report_section, markdown=markdown_rows, publish=publish)

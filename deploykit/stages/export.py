@@ -9,8 +9,12 @@ weights are looked up in each of its UNet graphs and checked to be 2:4 there too
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from deploykit.errors import DeployKitError
 from deploykit.export import compare_with_torch, export_pipeline, export_unet
@@ -19,12 +23,23 @@ from deploykit.models import load_model
 from deploykit.models.inputs import unet_input_names
 from deploykit.sparsity import MASKS_FILE, load_masks
 from deploykit.sparsity.onnx_check import check_onnx_2to4
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
 
 ONNX_NAME = "model.onnx"
 # fp16 graphs are compared with the fp32 torch model: their error is fp16 rounding through the network
 FP16_TOLERANCE = {"atol": 5e-2, "rtol": 5e-2}
+
+
+class ExportStage(StageConfig):
+    """ONNX export of teacher and student (whole SD pipelines in optimum's layout), checked with polygraphy."""
+
+    stage: Literal["export"] = "export"
+    opset: int = Field(17, ge=13, le=23)
+    fp16: bool = Field(False, description="fp16 graphs (for GPUs; the fp32 graph is what CPU backends run)")
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-3, gt=0)
+    check_batch: int = Field(4, ge=1, le=256)
 
 
 def _export_pipeline_files(teacher_dir: str, model_dir: str, out: str, fp16: bool, opset: int) -> dict:
@@ -85,4 +100,27 @@ def run(ctx: StageContext) -> dict:
     return {}
 
 
-EXPORT = StageSpec(name="export", version="2", reads=("teacher", "student"), writes={"onnx": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    export = ctx.read_json("export.json")
+    out: dict = {"export": {name: v["check"] for name, v in export.items()}}
+    checks = {name: v["sparsity"] for name, v in export.items() if "sparsity" in v}
+    if checks:
+        out["sparsity"] = {"onnx": {name: {k: c[k] for k in ("layers", "compliant", "passed")} for name, c in checks.items()}}
+    return out
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "export" not in report:
+        return None
+    checks = ", ".join(f"{name} max |diff| {c['max_abs_error']:.1e}" for name, c in report["export"].items())
+    return Markdown(body=[f"ONNX vs torch (polygraphy, ONNX Runtime CPU): {checks}."])
+
+
+def publish(ctx: PublishContext) -> None:
+    """The student in the recipe's export precision: fp16 where it was asked for."""
+    fp16 = ctx.folder / "student-fp16"
+    shutil.copytree(fp16 if fp16.is_dir() else ctx.folder / "student", ctx.into["onnx"], dirs_exist_ok=True)
+
+
+EXPORT = StageSpec(name="export", version="2", config=ExportStage, reads=("teacher", "student"), writes={"onnx": "."},
+                   run=run, report=report_section, markdown=markdown_rows, publish=publish)

@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model, save_model
-from deploykit.prune import GradientData, PruneConfig, get_criterion, prune_to_macs
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.prune import DEFAULT_IGNORED, GradientData, PruneConfig, available, get_criterion, prune_to_macs
+from deploykit.stages.base import COMPARED_MODELS, Markdown, Preflight, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import example_inputs, noise_scheduler, teacher_meta, training_images
+
+# Channel counts the target's kernels like: AVX-512 / oneDNN blocks of 8 floats on CPU; on GPUs, fp16
+# tensor-core tiles want multiples of 64 for the widths to map onto whole tiles.
+# AGX Orin has the same Ampere tensor cores (SM 8.7) and TensorRT's kernel library as a discrete GPU:
+# 64, like cuda. Orin Nano: 32. Its recipes prune deeper (memory: see recipes/sd15_jetson_nano.yaml),
+# and at SD1.5's narrowest level (320 channels) steps of 64 are 20% of the layer, too coarse for the MACs
+# search to land near its target; 32 still keeps every width a multiple of the 8 that fp16 tensor-core
+# MMAs need, and with only 8 SMs the Nano's GEMMs are small enough that TensorRT picks narrow tiles anyway.
+# (Not measured on a Nano yet: `deploykit bench --host` on one is what settles it.)
+ROUND_TO_BY_TARGET = {"cpu": 8, "cuda": 64, "jetson-agx-orin": 64, "jetson-orin-nano": 32}
+
+
+class PruneStage(StageConfig):
+    """Structured channel pruning with torch-pruning's DepGraph, to a MACs target found by search."""
+
+    stage: Literal["prune"] = "prune"
+    # the criteria deploykit.prune registers, offered by name
+    criterion: Literal[tuple(available())] = Field(  # type: ignore[valid-type]
+        "magnitude", description="importance criterion (deploykit.prune.importance)")
+    macs_target: float = Field(0.5, gt=0.05, le=1.0, description="student MACs / teacher MACs, at most")
+    round_to: int | None = Field(None, ge=1, le=256,
+                                 description="keep channel counts multiples of this (default: by target, cpu 8, cuda 64)")
+    ignored: list[str] | None = Field(
+        None, description="fnmatch patterns of layers whose output channels stay dense (default: "
+                          f"{', '.join(DEFAULT_IGNORED)}; SD UNets also conv_in and add_embedding.*)")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1)
+    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the gradient criteria and block-removal's calibration")
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+def resolve(cfg: PruneStage, recipe) -> PruneStage:
+    """``round_to`` by the recipe's target where the recipe leaves it out."""
+    return cfg.model_copy(update={"round_to": cfg.round_to or ROUND_TO_BY_TARGET[recipe.target]})
+
+
+def preflight(cfg: PruneStage, pf: Preflight) -> None:
+    # gradient loops call model(x_t, t) without text conditioning; block-removal calibration has it
+    if pf.teacher_kind == "pipeline" and get_criterion(cfg.criterion).needs_gradients:
+        raise InputError(f"{pf.where}: prune.criterion {cfg.criterion} needs training images; for Stable "
+                         "Diffusion UNets use magnitude, random or block-removal")
 
 
 def run(ctx: StageContext) -> dict:
@@ -64,5 +107,27 @@ def run(ctx: StageContext) -> dict:
     return {"macs_ratio": result.macs_ratio}
 
 
-PRUNE = StageSpec(name="prune", version="2", reads=("teacher",), writes={"student": ".", "pruned": ".", "prune": "."},
-                  run=run)
+def report_section(ctx: ReportContext) -> dict:
+    prune = ctx.read_json("prune.json")
+    out: dict = {}
+    for name in (e for e in ctx.entries if e in COMPARED_MODELS):
+        # MACs per sample here; a bench stage replaces them with its count at its batch
+        model = "teacher" if name == "teacher" else "student"
+        out[name] = {"params": prune[f"params_{model}"], "macs_per_sample": prune[f"macs_per_sample_{model}"],
+                     "macs": prune[f"macs_per_sample_{model}"]}
+    out["macs_ratio"] = prune["macs_ratio"]
+    out["params_ratio"] = prune["params_student"] / prune["params_teacher"]
+    out["prune"] = {k: prune[k] for k in ("criterion", "macs_target", "pruning_ratio")}
+    return out
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "prune" not in report:
+        return None
+    return Markdown(body=[
+        f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
+        f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}."])
+
+
+PRUNE = StageSpec(name="prune", version="2", config=PruneStage, reads=("teacher",), writes={"student": ".", "prune": "."},
+                  run=run, resolve=resolve, preflight=preflight, report=report_section, markdown=markdown_rows)

@@ -7,15 +7,33 @@ ONNX graph, and the torch-cuda bench runs the masked layers on cuSPARSELt.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model, save_model
 from deploykit.models.wrappers import tensor_view
 from deploykit.sparsity import SparsityConfig, eligible_layers, masks_summary, save_masks, sparsify
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.sparsity.masks import DEFAULT_EXCLUDE, DEFAULT_MIN_FEATURES
+from deploykit.stages.base import Markdown, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import example_inputs, noise_scheduler, teacher_meta, training_images
+
+
+class SparsifyStage(StageConfig):
+    """2:4 semi-structured masks on the student's eligible Linear / Conv2d weights (the teacher's without a prune stage)."""
+
+    stage: Literal["sparsify"] = "sparsify"
+    method: Literal["magnitude", "sparsegpt"] = Field("magnitude", description="sparsegpt needs nvidia-modelopt")
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1, description="fnmatch globs of layer names")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
+                               description=f"layers kept dense (default: {', '.join(DEFAULT_EXCLUDE)})")
+    min_features: int = Field(DEFAULT_MIN_FEATURES, ge=0, le=1_000_000,
+                              description="layers with fewer input or output channels stay dense (2:4 kernels do not win there)")
+    calibration_batches: int = Field(4, ge=1, le=1000, description="sparsegpt: batches of calibration inputs")
+    calibration_batch_size: int = Field(16, ge=1, le=4096)
 
 
 def _calibration_loop(ctx: StageContext, meta: dict, model: torch.nn.Module):
@@ -68,5 +86,28 @@ def run(ctx: StageContext) -> dict:
     return {"layers": summary["layers"], "share_of_params": summary["share_of_params"]}
 
 
-SPARSIFY = StageSpec(name="sparsify", version="1", reads=("teacher",), optional_reads=("student",),
-                     writes={"student": ".", "pruned": ".", "sparsity": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    sparsity = ctx.read_json("sparsify.json")
+    return {"sparsity": {k: sparsity[k] for k in ("method", "layers", "masked_weights", "zeroed_weights", "share_of_params")}}
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    """One line, with what the later stages found: masks kept through distill, 2:4 in the ONNX graphs, cuSPARSELt."""
+    if "sparsity" not in report:
+        return None
+    sp = report["sparsity"]
+    line = (f"2:4 sparsity ({sp['method']}): {sp['layers']} layers, {sp['share_of_params']:.1%} of the student's weights "
+            f"under a mask, {sp['zeroed_weights'] / 1e6:.2f}M zeroed")
+    if "recovery" in sp:
+        rec = sp["recovery"]
+        line += f"; kept through distill ({rec['mask_mode']}, {rec['mask_bits_changed']:.2%} of mask bits changed)"
+    for role, c in sp.get("onnx", {}).items():
+        line += f"; {role} ONNX: {c['compliant']} of {c['layers']} masked weights 2:4"
+    if "torch_cuda" in sp:
+        cuda = sp["torch_cuda"]
+        line += f"; torch-cuda ran {cuda['converted']} layers on {cuda['backend']} ({cuda['dtype']})"
+    return Markdown(body=[line + "."])
+
+
+SPARSIFY = StageSpec(name="sparsify", version="1", config=SparsifyStage, reads=("teacher",), optional_reads=("student",),
+                     writes={"student": ".", "sparsity": "."}, run=run, report=report_section, markdown=markdown_rows)

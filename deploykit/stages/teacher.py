@@ -1,4 +1,8 @@
-"""teacher: load the dense model and fix it into the artifact (weights, metadata, FID features)."""
+"""teacher: load the dense model and fix it into the artifact (weights, metadata, FID features).
+
+Every build runs it first; recipes do not list it: its settings are the recipe's own ``teacher`` and
+``resolution``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,28 @@ from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, sha256_file
 from deploykit.models import count_params, load_teacher, save_model
 from deploykit.models.diffusers_pipelines import save_components
-from deploykit.models.teacher import teacher_path
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.models.teacher import check_teacher_spec, teacher_path
+from deploykit.stages.base import Preflight, ReportContext, StageContext, StageSpec, StrictModel
 from deploykit.stages.data import FEATURES, PIPELINE_DIR, TEACHER_JSON
+
+
+class TeacherConfig(StrictModel):
+    """The recipe's ``teacher`` and ``resolution``."""
+
+    teacher: str
+    resolution: int | None = None
+
+
+def resolve(cfg: None, recipe) -> TeacherConfig:
+    return TeacherConfig(teacher=recipe.teacher, resolution=recipe.resolution)
+
+
+def preflight(cfg: TeacherConfig, pf: Preflight) -> None:
+    check_teacher_spec(cfg.teacher, pf.recipe_dir)
+
+
+def key_inputs(cfg: TeacherConfig, pf: Preflight) -> dict[str, str]:
+    return {"source": source_digest(cfg.teacher, pf.recipe_dir)}
 
 
 def source_digest(spec: str, base_dir: Path | None) -> str:
@@ -35,7 +58,7 @@ def source_digest(spec: str, base_dir: Path | None) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    teacher = load_teacher(ctx.config["teacher"], ctx.recipe_dir, ctx.config.get("resolution"), ctx.seed)
+    teacher = load_teacher(ctx.config.teacher, ctx.recipe_dir, ctx.config.resolution, ctx.seed)
     if teacher.random_weights:
         ctx.console.print("  [yellow]random weights: this build measures speed, not quality[/]")
     save_model(teacher.model, ctx.out / "model")
@@ -52,4 +75,14 @@ def run(ctx: StageContext) -> dict:
     return {"params": meta["params"]}
 
 
-TEACHER = StageSpec(name="teacher", version="2", reads=(), writes={"teacher": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    meta = ctx.read_json(TEACHER_JSON)
+    out = {"teacher_source": meta.get("source"), "teacher_kind": meta.get("kind", "pixel"),
+           "random_weights": bool(meta.get("random_weights"))}
+    if "resolution" in meta:
+        out["resolution"] = meta["resolution"]
+    return out
+
+
+TEACHER = StageSpec(name="teacher", version="2", config=TeacherConfig, implicit=True, writes={"teacher": "."}, run=run,
+                    resolve=resolve, preflight=preflight, key_inputs=key_inputs, report=report_section)

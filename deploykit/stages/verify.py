@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from deploykit.engines.tensorrt import tensorrt_missing
 from deploykit.errors import DeployKitError
@@ -28,10 +31,25 @@ from deploykit.models.io_spec import unet_io
 from deploykit.models.wrappers import TensorOutput
 from deploykit.onnxtools import adapt_feed, compare_runners, graph_signature
 from deploykit.sparsity import MASKS_FILE, check_2to4, load_masks
-from deploykit.stages.base import StageContext, StageSpec
+from deploykit.stages.base import Markdown, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.data import example_inputs, teacher_meta
 
 ROLES = ("teacher", "student")
+
+
+class VerifyStage(StageConfig):
+    """torch vs ONNX Runtime (fp32, and the fp16 graph where exported) vs TensorRT engines, with polygraphy."""
+
+    stage: Literal["verify"] = "verify"
+    batches: int = Field(2, ge=1, le=100, description="input batches compared")
+    batch_size: int = Field(2, ge=1, le=256)
+    fp32_atol: float = Field(1e-4, gt=0)
+    fp32_rtol: float = Field(1e-3, gt=0)
+    fp16_atol: float = Field(5e-2, gt=0)
+    fp16_rtol: float = Field(5e-2, gt=0)
+    int8_atol: float = Field(2e-1, gt=0)
+    int8_rtol: float = Field(2e-1, gt=0)
+    check_sparsity: bool = Field(True, description="check that a masked student's weights are still 2:4")
 
 
 def tolerance(cfg, precision: str) -> dict:
@@ -113,5 +131,26 @@ def _engine_source(ctx: StageContext, entry: dict) -> Path:
     raise DeployKitError(f"verify: the ONNX source {entry['onnx']} of engine {entry['path']} is missing")
 
 
-VERIFY = StageSpec(name="verify", version="1", reads=("teacher", "student", "onnx"),
-                   optional_reads=("engines", "onnx_int8"), writes={"verify": "."}, run=run)
+def report_section(ctx: ReportContext) -> dict:
+    verify = ctx.read_json("verify.json")
+    fields = ("passed", "precision", "max_abs_error", "max_rel_error", "worst_output", "atol", "rtol", "message")
+    return {"verify": {"checks": {f"{role}/{name}": {k: c.get(k) for k in fields}
+                                  for role, checks in verify["roles"].items() for name, c in checks.items()},
+                       "skipped": verify["skipped"]}}
+
+
+def markdown_rows(report: dict) -> Markdown | None:
+    if "verify" not in report:
+        return None
+    v = report["verify"]
+    checks = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}"
+                       + (f" (max |diff| {c['max_abs_error']:.1e})" if c.get("max_abs_error") is not None else "")
+                       for k, c in v["checks"].items())
+    return Markdown(body=[f"Verify (polygraphy, torch as reference): {checks}."
+                          + (" Skipped: " + "; ".join(f"{k}: {r.split(';')[0]}" for k, r in v["skipped"].items()) + "."
+                             if v["skipped"] else "")])
+
+
+VERIFY = StageSpec(name="verify", version="1", config=VerifyStage, reads=("teacher", "student", "onnx"),
+                   optional_reads=("engines", "onnx_int8"), writes={"verify": "."}, run=run, report=report_section,
+                   markdown=markdown_rows)

@@ -1,12 +1,12 @@
-"""Recovery of a pruned student against its dense teacher: DaKD in our formulation.
+"""Distillation of a pruned student from its dense teacher, with DaKD's loss terms in our formulation.
 
-``recover(student, teacher, noise_scheduler, batches, config)`` fine-tunes the student on noised
+``distill(student, teacher, noise_scheduler, batches, config)`` fine-tunes the student on noised
 samples of the caller's data at uniformly drawn timesteps with the weighted sum of the terms in
 :mod:`deploykit.distill.losses`: the denoising loss (Diff-Pruning's recovery), output KD, feature
 KD at block outputs and attention KD (normalised by the teacher's norm, LAPTOP-Diff), a
 noise-distribution term (NiCI) and an adversarial term. Every weight is configurable and 0 turns a
 term off, out of the loss and out of the computation. The defaults (denoising + output KD) are the
-recovery deploykit ran before DaKD.
+fine-tuning deploykit ran before DaKD.
 
 The algorithm never owns the data: ``batches(step, generator)`` returns a step's clean batch. Because
 the batch, the timesteps and the noise of step ``k`` are drawn from generators seeded by ``(seed, k)``,
@@ -33,7 +33,7 @@ TERMS = ("denoise", "output_kd", "feature_kd", "attention_kd", "distribution_kd"
 
 
 @dataclass
-class RecoveryConfig:
+class DistillConfig:
     steps: int = 300
     lr: float = 5e-4
     warmup_steps: int = 20
@@ -77,18 +77,18 @@ class RecoveryConfig:
         return {term: getattr(self, f"{term}_weight") for term in TERMS}
 
     @classmethod
-    def from_fields(cls, source, **overrides) -> RecoveryConfig:
+    def from_fields(cls, source, **overrides) -> DistillConfig:
         """The config from any object with attributes of the same names (a recipe's distill stage)."""
         names = {f.name for f in fields(cls)}
         return cls(**{n: getattr(source, n) for n in names if hasattr(source, n)}, **overrides)
 
 
-def recover(
+def distill(
     student: nn.Module,
     teacher: nn.Module,
     noise_scheduler,
     batches: Callable[[int, torch.Generator], torch.Tensor | Batch],
-    config: RecoveryConfig,
+    config: DistillConfig,
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     masks: MutableMapping[str, torch.Tensor] | None = None,
@@ -104,5 +104,5 @@ def recover(
     return DistillTrainer(student, teacher, noise_scheduler, batches, config, checkpoint_dir, on_step, masks).train()
 
 
-def config_dict(config: RecoveryConfig) -> dict:
+def config_dict(config: DistillConfig) -> dict:
     return asdict(config)
