@@ -213,7 +213,9 @@ def test_gradient_accumulation_matches_one_big_batch(pair):
     whole, whole_losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches, DistillConfig(**cfg))
     accumulated, losses = distill(copy.deepcopy(student), teacher, DDPMScheduler(), _batches,
                                   DistillConfig(gradient_accumulation=2, **cfg))
-    torch.testing.assert_close(accumulated.state_dict(), whole.state_dict(), rtol=1e-4, atol=1e-6)
+    # Adam divides by sqrt(v): where a gradient is near 0, summation-order noise (one thread or two) moves
+    # a weight by ~3e-6; a step moves weights by ~lr = 1e-3, so 1e-5 still tells a wrong accumulation apart
+    torch.testing.assert_close(accumulated.state_dict(), whole.state_dict(), rtol=1e-4, atol=1e-5)
     assert [r["loss"] for r in losses] == pytest.approx([r["loss"] for r in whole_losses], rel=1e-5)  # logged: whole batch
     changed = copy.deepcopy(student).state_dict()
     assert any(not torch.allclose(whole.state_dict()[k], changed[k]) for k in changed)
