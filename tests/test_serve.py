@@ -255,6 +255,8 @@ def test_a_request_over_the_compute_budget_gets_422_before_any_work(sd_pipeline,
         assert r.status_code == 422 and r.json()["error"].startswith("body: ")
         assert "81,920 pixel-steps, over this server's limit of 20,480" in r.json()["error"]
         assert gate.batches == []  # refused before the queue: the model never saw it
+        # a default is held to the server's limits too: 20 steps by default, 10 at most here
+        assert client.post("/generate", json={"prompt": "a cat"}).json()["error"] == "steps: at most 10 on this server"
         # each field within its own limit, and the product within the budget: served
         ok = client.post("/generate", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "num_images": 2,
                                             "format": "base64"})

@@ -51,7 +51,9 @@ class ServeConfig:
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # validate_default: a default is held to the server's limits too (20 steps on a --max-steps 10 server
+    # is refused, naming steps, rather than run)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
     prompt: str | None = Field(None, max_length=100_000, description="required for text-to-image artifacts; "
                                "refused by unconditional pixel models")

@@ -4,8 +4,9 @@ What a client can hold, and for how long:
 - a connection that has not sent a whole request's headers within ``read_timeout_s`` is dropped
   (uvicorn has no such deadline of its own: a client trickling header bytes kept its connection
   forever), and so is one idle ``KEEP_ALIVE_S`` after a response;
-- headers are capped at ``MAX_HEADER_BYTES`` (400 beyond), bodies at ``max_body_bytes`` and
-  ``read_timeout_s`` by the app (413 / 408);
+- h11 buffers at most ``MAX_HEADER_BYTES`` of an unfinished header block (400 beyond; a block that
+  arrives whole in one read, at most asyncio's 256 KiB, is parsed); bodies are capped at
+  ``max_body_bytes`` and ``read_timeout_s`` by the app (413 / 408);
 - generation work is capped by the app's queue (503 beyond it), not by connections: uvicorn's
   ``limit_concurrency`` counts idle connections too, so a few dozen of them made it answer 503 to
   ``/health`` and ``/metrics``. An idle connection costs a socket for a few seconds, nothing more.
@@ -33,7 +34,7 @@ MAX_HEADER_BYTES = 16 * 1024
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's headers, counted from the connection's
     start or the previous response and not reset by each byte that arrives; and a 400 for a malformed
-    request that cannot crash the connection's handler."""
+    body that is the connection's last word (see send_400_response)."""
 
     header_timeout_s = 10.0
     _header_timer: asyncio.TimerHandle | None = None
@@ -71,8 +72,12 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        # Found by fuzzing: garbage after a HEAD request made uvicorn frame its 400 as a HEAD response,
-        # which h11 refuses ("Too much data for declared Content-Length"), logging a traceback each time
+        # Found by fuzzing, both logged a traceback per request: (1) a request whose headers were fine and
+        # whose body is malformed is already in the app, whose own answer then came after this 400 on a
+        # finished connection; it is abandoned here, so that the app's answer goes nowhere. (2) After a
+        # HEAD request uvicorn framed its 400 as a HEAD response, which h11 refuses to send.
+        if self.cycle is not None:
+            self.cycle.disconnected = True
         try:
             super().send_400_response(msg)
         except h11.LocalProtocolError:
