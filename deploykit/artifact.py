@@ -24,6 +24,7 @@ from pathlib import Path
 
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, sha256_file
+from deploykit.paths import OutsideFolder, inside, links_leaving
 
 FILES_JSON = "files.json"
 MANIFEST = "manifest.json"
@@ -62,20 +63,67 @@ def seal_stage(folder: Path) -> str:
     return digest(files)
 
 
+def escaping_links(folder: Path, root: Path, shown_as: str = "") -> list[str]:
+    """One problem per symlink under ``folder`` leading outside ``root``; ``shown_as`` prefixes the paths."""
+    prefix = f"{shown_as}/" if shown_as else ""
+    return [f"{prefix}{rel}: a symlink leading outside the artifact (to {target})"
+            for rel, target in links_leaving(folder, root).items()]
+
+
 def verify_stage(folder: Path) -> tuple[str | None, list[str]]:
-    """Returns (digest, problems); a stage with problems must not be reused."""
+    """Returns (digest, problems); a stage with problems must not be reused.
+
+    Nothing outside ``folder`` is read: a symlink leading out of it is a problem found before any
+    file is hashed, and so is a ``files.json`` entry that names a path outside it.
+    """
+    if folder.is_symlink():
+        return None, [f"{folder.name}: a symlink (to {os.path.realpath(folder)}), not the stage's own folder"]
+    links = escaping_links(folder, folder, folder.name)
+    if links:
+        return None, links
     listing = folder / FILES_JSON
     if not listing.is_file():
         return None, [f"{folder.name}: no {FILES_JSON}"]
     try:
         recorded = json.loads(listing.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None, [f"{folder.name}: {FILES_JSON} is not valid JSON"]
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        return None, [f"{folder.name}/{FILES_JSON}: not an object of path: sha256 entries"]
+    outside = [f"{folder.name}/{FILES_JSON}: entry {e}" for e in _outside_entries(folder, recorded)]
+    if outside:
+        return None, outside
     actual = hash_folder(folder, exclude=(FILES_JSON,))
     problems = [f"{folder.name}/{rel}: " + ("missing" if rel not in actual else "sha256 differs")
                 for rel, sha in recorded.items() if actual.get(rel) != sha]
     problems += [f"{folder.name}/{rel}: not listed in {FILES_JSON}" for rel in actual if rel not in recorded]
+    problems += _architecture_problems(folder, recorded, folder.name)
     return digest(recorded), problems
+
+
+def _architecture_problems(folder: Path, rels: Iterable[str], shown_as: str = "") -> list[str]:
+    """Each listed architecture.json that the model loader would refuse (a path where an object belongs)."""
+    from deploykit.models.architecture import ARCH_NAME, read_architecture
+
+    problems = []
+    for rel in rels:
+        if rel.rsplit("/", 1)[-1] == ARCH_NAME and (folder / rel).is_file():
+            try:
+                read_architecture(folder / rel, f"{shown_as}/{rel}" if shown_as else rel)
+            except InputError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _outside_entries(root: Path, paths: Iterable[object]) -> list[str]:
+    """Why each of ``paths`` (relative to ``root``) leaves it; empty when all stay inside."""
+    problems = []
+    for rel in paths:
+        try:
+            inside(root, rel)
+        except OutsideFolder as e:
+            problems.append(str(e))
+    return problems
 
 
 def package_versions() -> dict[str, str]:
@@ -166,13 +214,38 @@ class Artifact:
         if not self.manifest_path.is_file():
             raise InputError(f"{self.root}: not a deploykit artifact (no {MANIFEST})")
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{self.manifest_path}: not valid JSON ({e})") from None
+        self._check_paths(manifest)
+        return manifest
+
+    def _check_paths(self, manifest: object) -> None:
+        """Every path the manifest gives (stage folders, file names) stays inside the artifact."""
+        def refuse(entry: str, why: str) -> None:
+            raise InputError(f"{self.manifest_path}: {entry}: {why}")
+
+        if not isinstance(manifest, dict):
+            refuse("the manifest", "must be a JSON object")
+        stages, files = manifest.get("stages", []), manifest.get("files", {})
+        if not isinstance(stages, list):
+            refuse("stages", "must be a list")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, dict) or not all(isinstance(stage.get(k), str) for k in ("name", "dir", "digest")):
+                refuse(f"stages[{i}]", "must be an object with string name, dir and digest")
+            for why in _outside_entries(self.stages, [stage["dir"]]):
+                refuse(f"stages[{i}].dir", why)
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            refuse("files", "must be an object of path: sha256 entries")
+        for why in _outside_entries(self.root, files):
+            refuse("files", f"entry {why}")
 
     def verify(self) -> list[str]:
         """Every problem found: files changed, missing or added since the manifest was written."""
         manifest = self.read_manifest()
+        links = escaping_links(self.root, self.root)
+        if links:  # found before any hashing: a link's target is another of the user's files
+            return links
         problems = []
         actual = hash_folder(self.root, exclude=(STAGES, MANIFEST))
         for rel, sha in manifest.get("files", {}).items():
@@ -181,6 +254,7 @@ class Artifact:
             elif actual[rel] != sha:
                 problems.append(f"{rel}: sha256 differs from the manifest")
         problems += [f"{rel}: not in the manifest" for rel in actual if rel not in manifest.get("files", {})]
+        problems += _architecture_problems(self.root, manifest.get("files", {}))
         for stage in manifest.get("stages", []):
             folder = self.stages / stage["dir"]
             if not folder.is_dir():

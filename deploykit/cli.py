@@ -110,7 +110,8 @@ def _cmd_serve(args) -> int:
     try:
         config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                              timeout_s=args.timeout_s, max_steps=args.max_steps, max_side=args.max_side,
-                             max_images=args.max_images, warmup=not args.no_warmup)
+                             max_images=args.max_images, max_pixel_steps=args.max_pixel_steps,
+                             read_timeout_s=args.read_timeout_s, warmup=not args.no_warmup)
     except ValueError as e:
         raise InputError(f"serve: {e}") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -189,6 +190,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--max-side", type=int, default=1024, help="largest height or width in pixels (default 1024)")
     p.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    p.add_argument("--max-pixel-steps", type=int, default=None,
+                   help="compute budget per request: height x width x steps x images (default: the artifact's own "
+                        "size x --max-steps x --max-images)")
+    p.add_argument("--read-timeout-s", type=float, default=10.0,
+                   help="a client's time to send a request's headers, and again its body (default 10)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before serving")
     p.set_defaults(func=_cmd_serve)
 

@@ -2,40 +2,25 @@
 
 import base64
 import io
+import json
+import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from deploykit.serve import ServeConfig, create_app
+from deploykit.serve.batcher import Batcher, Expired
+from tests.raw_http import GET_HEALTH, exchange, post, read_reply, serving, trickle
 
 
 def image_of(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
-
-
-@contextmanager
-def serving(app):
-    """The app under a real uvicorn on 127.0.0.1, on a port the OS picks."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @contextmanager
@@ -45,13 +30,14 @@ def client_for(pipeline, **config):
 
 
 class Gate:
-    """Holds the model's batches until opened, and records how many requests each batch had."""
+    """Holds the model's batches until opened, and records how many requests each batch had (and their seeds)."""
 
     def __init__(self, pipeline, monkeypatch):
-        self.open_event, self.batches, run = threading.Event(), [], pipeline.run_batch
+        self.open_event, self.batches, self.seeds, run = threading.Event(), [], [], pipeline.run_batch
 
         def gated(requests):
             self.batches.append(len(requests))
+            self.seeds.append([r.seed for r in requests])
             assert self.open_event.wait(60)
             return run(requests)
         monkeypatch.setattr(pipeline, "run_batch", gated)
@@ -75,6 +61,14 @@ def post_in_thread(url: str, payload: dict, results: list) -> threading.Thread:
     return thread
 
 
+def hold_the_worker(app, url: str) -> tuple[threading.Thread, list]:
+    """POST a request (seed 1) for the Gate to hold in the model; its thread, and the list its response goes to."""
+    results: list = []
+    thread = post_in_thread(f"{url}/generate", {"steps": 2, "seed": 1}, results)
+    wait_until(lambda: app.state.batcher.busy)
+    return thread, results
+
+
 def test_zoo_artifact_generates_png(zoo_pipeline):
     with client_for(zoo_pipeline) as client:
         r = client.post("/generate", json={"steps": 5, "seed": 3})
@@ -90,7 +84,7 @@ def test_zoo_artifact_generates_png(zoo_pipeline):
 
 def test_sd_artifact_generates_over_real_http(sd_pipeline):
     app = create_app(sd_pipeline, ServeConfig(max_batch=4))
-    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serving(app) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         health = client.get("/health").json()
         assert health["status"] == "ok" and health["kind"] == "sd" and health["backend"] == "onnxruntime-cpu"
         r = client.post("/generate", json={"prompt": "a red bicycle", "negative_prompt": "blurry", "steps": 3, "seed": 5,
@@ -151,10 +145,8 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(zoo_pipeline, sd_pipeline
 def test_full_queue_gets_503_and_the_server_goes_on(zoo_pipeline, monkeypatch):
     gate = Gate(zoo_pipeline, monkeypatch)
     app = create_app(zoo_pipeline, ServeConfig(max_batch=1, queue_size=1, warmup=False))
-    with serving(app) as url:
-        results: list = []
-        running = post_in_thread(f"{url}/generate", {"steps": 2, "seed": 1}, results)
-        wait_until(lambda: app.state.batcher.busy)
+    with serving(app) as (url, _):
+        running, results = hold_the_worker(app, url)
         waiting = post_in_thread(f"{url}/generate", {"steps": 2, "seed": 2}, results)
         wait_until(lambda: app.state.batcher.depth == 1)
         refused = httpx.post(f"{url}/generate", json={"steps": 2}, timeout=30)
@@ -193,7 +185,7 @@ def test_concurrent_requests_batch_and_keep_their_own_images(sd_pipeline, monkey
              for seed in (21, 22, 23)}
     gate = Gate(sd_pipeline, monkeypatch)
     app = create_app(sd_pipeline, ServeConfig(max_batch=4, max_wait_ms=50, queue_size=8, warmup=False))
-    with serving(app) as url:
+    with serving(app) as (url, _):
         results: list = []
         blocker = post_in_thread(f"{url}/generate", {"prompt": "a dog", "steps": 3, "seed": 1, "guidance_scale": 3.0},
                                  results)
@@ -250,3 +242,143 @@ def test_cli_serves_on_loopback_and_refuses_a_bad_artifact(zoo_serve_artifact, t
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_request_over_the_compute_budget_gets_422_before_any_work(sd_pipeline, monkeypatch):
+    gate = Gate(sd_pipeline, monkeypatch)
+    gate.open()
+    # the default budget is the largest request at the artifact's own size (32x32): 32*32 x 10 steps x 2 images
+    with client_for(sd_pipeline, max_steps=10, max_side=64, max_images=2, warmup=False) as client:
+        assert client.get("/health").json()["max_pixel_steps"] == 32 * 32 * 10 * 2
+        r = client.post("/generate", json={"prompt": "a cat", "steps": 10, "width": 64, "height": 64, "num_images": 2,
+                                           "format": "base64"})
+        assert r.status_code == 422 and r.json()["error"].startswith("body: ")
+        assert "81,920 pixel-steps, over this server's limit of 20,480" in r.json()["error"]
+        assert gate.batches == []  # refused before the queue: the model never saw it
+        # a default is held to the server's limits too: 20 steps by default, 10 at most here
+        assert client.post("/generate", json={"prompt": "a cat"}).json()["error"] == "steps: at most 10 on this server"
+        # each field within its own limit, and the product within the budget: served
+        ok = client.post("/generate", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "num_images": 2,
+                                            "format": "base64"})
+        assert ok.status_code == 200, ok.text
+    with client_for(sd_pipeline, max_pixel_steps=32 * 32 * 3, warmup=False) as client:
+        assert "limit of 3,072" in client.post("/generate", json={"prompt": "a cat", "steps": 4}).json()["error"]
+        assert client.post("/generate", json={"prompt": "a cat", "steps": 3}).status_code == 200
+
+
+def test_body_length_problems_get_their_own_status_and_close_the_connection(zoo_pipeline):
+    app = create_app(zoo_pipeline, ServeConfig(max_body_bytes=1024, read_timeout_s=0.5, warmup=False))
+    body = json.dumps({"steps": 2, "seed": 0}).encode()
+    with serving(app) as (_, port):
+        assert exchange(port, post("/generate", body)).status == 200
+        missing = exchange(port, post("/generate", body, length=None))
+        assert missing.status == 411 and missing.closed
+        huge = exchange(port, post("/generate", b"{}", length=10**12))
+        assert huge.status == 413 and huge.closed
+        for bad in ("-1", "ten", "1, 2", str(10**30)):  # h11 refuses these before the app sees them
+            r = exchange(port, post("/generate", body, f"Content-Length: {bad}", length=None))
+            assert r.status == 400 and r.closed, bad
+        chunked = b"".join([post("/generate", b"", "Transfer-Encoding: chunked", length=None), b"400\r\n", b"x" * 1024,
+                            b"\r\n400\r\n", b"x" * 1024, b"\r\n0\r\n\r\n"])
+        over = exchange(port, chunked)
+        assert over.status == 413 and over.closed
+        assert exchange(port, GET_HEALTH).status == 200
+
+
+def test_a_slow_or_stalled_client_gets_408_or_is_dropped(zoo_pipeline):
+    app = create_app(zoo_pipeline, ServeConfig(read_timeout_s=0.5, warmup=False))
+    with serving(app) as (_, port):
+        # headers, then less body than announced, then nothing
+        stalled = exchange(port, post("/generate", b'{"steps"', length=100))
+        assert stalled.status == 408 and stalled.closed and b"did not arrive within 0.5 s" in stalled.body
+        # the body a byte at a time: the deadline is for the whole body, not each byte
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(post("/generate", b"", length=400))
+            trickle(sock, [b" "] * 400)
+            reply = read_reply(sock)
+            assert reply.status == 408 and reply.closed
+        # headers that never end: the connection is dropped, without an answer
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            trickle(sock, [f"X-Slow-{i}: 1\r\n".encode() for i in range(400)])
+            assert read_reply(sock).status is None
+        assert exchange(port, GET_HEALTH).status == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'deploykit_requests_total{status="408"} 2.0' in metrics
+
+
+def test_health_and_metrics_answer_while_every_slot_is_held_and_many_connections_idle(zoo_pipeline, monkeypatch):
+    gate = Gate(zoo_pipeline, monkeypatch)
+    app = create_app(zoo_pipeline, ServeConfig(max_batch=1, queue_size=2, read_timeout_s=30, warmup=False))
+    with serving(app) as (url, port), ExitStack() as idle:
+        running, results = hold_the_worker(app, url)
+        threads = [running]
+        for seed, depth in ((2, 1), (3, 2)):  # one at a time: three at once could all wait before the worker takes one
+            threads.append(post_in_thread(f"{url}/generate", {"steps": 2, "seed": seed}, results))
+            wait_until(lambda: app.state.batcher.depth == depth)
+        for i in range(150):  # connected and silent, or half-way through their headers
+            sock = idle.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+            if i % 2:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["busy"] and health.json()["queue_depth"] == 2
+        metrics = httpx.get(f"{url}/metrics", timeout=5)
+        assert metrics.status_code == 200 and "deploykit_queue_depth 2.0" in metrics.text
+        assert httpx.post(f"{url}/generate", json={"steps": 2}, timeout=5).status_code == 503  # the queue, not a socket cap
+        gate.open()
+        for t in threads:
+            t.join(60)
+        assert sorted(r.status_code for r in results) == [200, 200, 200]
+
+
+def test_a_request_that_times_out_while_queued_is_never_run(zoo_pipeline, monkeypatch):
+    gate = Gate(zoo_pipeline, monkeypatch)
+    app = create_app(zoo_pipeline, ServeConfig(max_batch=1, timeout_s=1.0, warmup=False))
+    with serving(app) as (url, _):
+        running, results = hold_the_worker(app, url)
+        queued = httpx.post(f"{url}/generate", json={"steps": 2, "seed": 2}, timeout=30)
+        assert queued.status_code == 504 and "dropped from the queue" in queued.json()["error"]
+        running.join(30)
+        assert results[0].status_code == 504 and "its batch had already started" in results[0].json()["error"]
+        gate.open()
+        assert httpx.post(f"{url}/generate", json={"steps": 2, "seed": 3}, timeout=30).status_code == 200
+        assert gate.seeds == [[1], [3]]  # seed 2 never reached the model
+
+
+def test_the_batcher_never_starts_a_job_past_its_deadline():
+    release, ran = threading.Event(), []
+
+    def run(items):
+        ran.extend(items)
+        assert release.wait(30)
+        return items
+
+    batcher = Batcher(run, max_batch=1, max_wait_ms=0).start()
+    try:
+        first = batcher.submit("first", "k")
+        wait_until(lambda: batcher.busy)
+        late = batcher.submit("late", "k", deadline=time.monotonic() + 0.05)  # nobody cancels it
+        time.sleep(0.1)
+        following = batcher.submit("following", "k")
+        release.set()
+        assert first.result(30) == "first" and following.result(30) == "following"
+        with pytest.raises(Expired):
+            late.result(30)
+        assert ran == ["first", "following"]
+    finally:
+        batcher.stop()
+
+
+def test_a_client_that_leaves_while_queued_is_dropped(zoo_pipeline, monkeypatch):
+    gate = Gate(zoo_pipeline, monkeypatch)
+    app = create_app(zoo_pipeline, ServeConfig(max_batch=1, warmup=False))
+    with serving(app) as (url, port):
+        running, results = hold_the_worker(app, url)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(post("/generate", json.dumps({"steps": 2, "seed": 2}).encode()))
+            wait_until(lambda: app.state.batcher.depth == 1)
+        wait_until(lambda: app.state.batcher.depth == 0)  # gone with its client, before the worker is free
+        gate.open()
+        running.join(30)
+        assert results[0].status_code == 200 and gate.seeds == [[1]]
+        assert 'deploykit_requests_total{status="499"} 1.0' in httpx.get(f"{url}/metrics").text

@@ -6,6 +6,10 @@ every layer whose shape the config does not give (``architecture.json``), and th
 safetensors. Rebuilding constructs the model from its config, resizes the recorded layers in place,
 sets every attention's head count, re-syncs diffusers' attributes and loads the weights strictly.
 
+The description holds no path: ``config`` must be an object, because diffusers' ``from_config`` reads
+a string there as a folder or hub id to load another config from (outside the artifact, or over the
+network), and the files are found by their fixed names beside it, never through a symlink leading out.
+
 Format 2 records each ``Attention``'s head count (``attention``): after head pruning it cannot be
 read off the shapes. Format 1 files (no head counts) still load, with the rule that wrote them.
 """
@@ -21,6 +25,7 @@ from torch import nn
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, load_tensors, save_tensors
 from deploykit.models.sync import sync_diffusers_attributes
+from deploykit.paths import OutsideFolder, inside
 
 
 def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -101,8 +106,38 @@ def _resize(module: nn.Module, spec: dict) -> None:
                 module.bias = fresh(*module.normalized_shape)
 
 
+def check_architecture(arch: object, where: str = ARCH_NAME) -> dict:
+    """``arch`` if it has the shape :func:`describe` writes; an InputError naming ``where`` and the entry if not."""
+    def refuse(entry: str, why: str) -> None:
+        raise InputError(f"{where}: {entry}: {why}")
+
+    if not isinstance(arch, dict):
+        refuse("the description", "must be a JSON object")
+    if not isinstance(arch.get("class"), str):
+        refuse("class", "must be a string")
+    if not isinstance(arch.get("config"), dict):
+        refuse("config", f"must be a JSON object, not {type(arch.get('config')).__name__} "
+                         f"{str(arch.get('config'))[:80]!r} (diffusers would read a string as a path to load)")
+    for entry in ("layers", "attention"):
+        table = arch.get(entry, {})
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            refuse(entry, "must be an object of module name: object entries")
+    return arch
+
+
+def read_architecture(path: Path, shown_as: str | None = None) -> dict:
+    """The checked description in ``path``; messages name the file as ``shown_as`` (default: its path)."""
+    where = shown_as or str(path)
+    try:
+        arch = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{where}: not readable JSON ({e})") from None
+    return check_architecture(arch, where)
+
+
 def build(arch: dict) -> nn.Module:
     """Construct the model an architecture description names, with its recorded layer shapes."""
+    check_architecture(arch)
     version = arch.get("format_version")
     if version not in READABLE_VERSIONS:
         raise InputError(f"architecture format {version!r} is not one of {', '.join(map(str, READABLE_VERSIONS))}")
@@ -146,12 +181,13 @@ def load_model(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     arch_path, weights_path = folder / ARCH_NAME, folder / WEIGHTS_NAME
     for p in (arch_path, weights_path):
+        try:
+            inside(folder, p.name)
+        except OutsideFolder as e:
+            raise InputError(f"{folder}: {e}") from None
         if not p.is_file():
             raise InputError(f"not a deploykit model folder: {p} is missing")
-    try:
-        arch = json.loads(arch_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{arch_path}: not valid JSON ({e})") from None
+    arch = read_architecture(arch_path)
     # Built on the meta device and given the loaded tensors (assign=True): no random initialisation
     # to overwrite, and the weights are held once, not twice (SDXL's UNet: 10 GB, not 20)
     with torch.device("meta"):

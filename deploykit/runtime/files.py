@@ -4,16 +4,19 @@ A server runs whatever weights and graphs it loads, so every file the runtime op
 and compared with ``manifest.json``: top-level files (``model/``, ``onnx/``, ``report.json``) directly,
 files in the stage cache through the stage's ``files.json``, whose digest the manifest records. A
 folder is accepted only whole: a file missing from it, changed, or added beside the listed ones
-(an extra ``.onnx_data`` would be read by ONNX Runtime) is an error.
+(an extra ``.onnx_data`` would be read by ONNX Runtime) is an error. Whether or not hashes are
+checked, nothing outside the artifact is opened: a file or folder reached through a symlink leading
+out of it is refused before it is read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from deploykit.artifact import MANIFEST, Artifact, hash_folder, verify_stage
+from deploykit.artifact import MANIFEST, Artifact, escaping_links, hash_folder, verify_stage
 from deploykit.errors import InputError
 from deploykit.io import sha256_file
+from deploykit.paths import OutsideFolder, inside
 
 
 class VerifiedArtifact:
@@ -35,10 +38,22 @@ class VerifiedArtifact:
         """Whether the manifest lists the file ``rel`` or any file under the folder ``rel``."""
         return rel in self.files or any(f.startswith(rel.rstrip("/") + "/") for f in self.files)
 
+    def _inside(self, rel: str) -> Path:
+        """``root / rel``, refused where a symlink leads it, or anything under it, out of the artifact."""
+        try:
+            path = inside(self.root, rel)
+        except OutsideFolder as e:
+            raise InputError(f"{self.root}: {rel}: {e}") from None
+        if path.is_dir():
+            links = escaping_links(path, self.root, rel.rstrip("/"))
+            if links:
+                self._fail(links)
+        return path
+
     def file(self, rel: str) -> Path:
-        path = self.root / rel
         if rel not in self.files:
             raise InputError(f"{self.root}: {rel} is not in the artifact's {MANIFEST}")
+        path = self._inside(rel)
         if not path.is_file():
             self._fail([f"{rel}: missing"])
         if self.verify and sha256_file(path) != self.files[rel]:
@@ -50,7 +65,7 @@ class VerifiedArtifact:
         listed = {f: sha for f, sha in self.files.items() if f.startswith(prefix)}
         if not listed:
             raise InputError(f"{self.root}: the artifact has no {rel}/ folder")
-        path = self.root / rel
+        path = self._inside(rel)
         if self.verify:
             actual = {prefix + f: sha for f, sha in hash_folder(path).items()} if path.is_dir() else {}
             problems = [f"{f}: " + ("missing" if f not in actual else "sha256 differs from the manifest")
@@ -65,7 +80,7 @@ class VerifiedArtifact:
         record = next((s for s in self.manifest.get("stages", []) if s.get("name") == name), None)
         if record is None:
             return None
-        path = self.root / "stages" / record["dir"]
+        path = self._inside(f"stages/{record['dir']}")  # read_manifest has kept dir inside stages/
         if not path.is_dir():
             self._fail([f"stages/{record['dir']}: missing (the stage cache is needed for this backend)"])
         if self.verify:

@@ -154,7 +154,9 @@ class SDModel:
 
 
 def load_model_for(files: VerifiedArtifact, backend: str) -> PixelModel | SDModel:
-    arch = _read_json(files.file("model/architecture.json"))
+    from deploykit.models.architecture import read_architecture
+
+    arch = read_architecture(files.file("model/architecture.json"))
     cls, config = arch.get("class"), arch.get("config", {})
     if cls == "UNet2DModel":
         return PixelModel(files, arch, backend)

@@ -1,9 +1,13 @@
 """The HTTP face of a :class:`~deploykit.runtime.Pipeline`: POST /generate, GET /health, GET /metrics.
 
-Status codes: 200 images; 400 a body that is not JSON; 413 a body over ``max_body_bytes``; 422 a
-request that names a wrong field, type or value (the message names the field); 503 the queue is full
-(with ``Retry-After``) or the server is stopping; 504 the request's ``timeout_s`` passed; 500 the model
-failed on this batch (the server goes on serving).
+Status codes: 200 images; 400 a body that is not JSON (or a malformed Content-Length); 408 the body
+did not arrive within ``read_timeout_s``; 411 neither Content-Length nor chunked; 413 a body over
+``max_body_bytes``; 422 a request that names a wrong field, type or value (the message names the
+field), or that would cost more than the compute budget (``max_pixel_steps``); 503 the queue is full
+(with ``Retry-After``) or the server is stopping; 504 the request's ``timeout_s`` passed; 500 the
+model failed on this batch (the server goes on serving). A refusal that leaves part of the body
+unread closes the connection. A client that disconnects while its request waits has the request
+dropped from the queue (counted as status 499 in the metrics).
 """
 
 from __future__ import annotations
@@ -13,17 +17,25 @@ import base64
 import io
 import math
 import time
+from concurrent.futures import CancelledError, Future
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from deploykit.runtime.pipeline import Pipeline, RequestError
-from deploykit.serve.batcher import Batcher, QueueFull
+from deploykit.serve.batcher import Batcher, Expired, QueueFull
 from deploykit.serve.metrics import Metrics
-from deploykit.serve.schema import GenerateBody, ServeConfig, error_messages, parse
+from deploykit.serve.schema import GenerateBody, ServeConfig, error_messages, parse, pixel_steps
+
+# The rest of a refused body is never read, so the connection cannot carry another request: close it
+# rather than drain whatever the client still sends.
+CLOSE = {"Connection": "close"}
+CLIENT_GONE = 499  # nginx's "client closed request": counted in the metrics, never sent
 
 
 class _Refusal(Exception):
@@ -42,17 +54,57 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    too_big = _Refusal(413, f"request body over {limit} bytes")
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body within ``timeout_s``: a client that stalls or trickles it holds nothing for longer."""
+    too_big = _Refusal(413, f"request body over {limit} bytes", headers=CLOSE)
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    if length is None and not chunked:
+        raise _Refusal(411, "a body is required: send Content-Length (or Transfer-Encoding: chunked)", headers=CLOSE)
+    if length is not None and not (length.isascii() and length.isdigit()):
+        raise _Refusal(400, "Content-Length must be a non-negative integer", headers=CLOSE)
+    if length is not None and int(length) > limit:
         raise too_big
-    body = bytearray()
-    async for chunk in request.stream():  # chunked bodies have no length to check up front
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+
+    async def collect() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():  # chunked bodies have no length to check up front
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise _Refusal(408, f"the request body did not arrive within {timeout_s:g} s", headers=CLOSE) from None
+    except ClientDisconnect:
+        raise _Refusal(CLIENT_GONE, "the client closed the connection before its body ended") from None
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client closes the connection (the body has been read: nothing else comes first)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a receive channel that fails is a connection that is gone
+        return
+
+
+async def _wait_for(future: Future, receive: Receive, deadline: float) -> str:
+    """Wait for the batcher's ``future``: "done", "gone" (the client disconnected first) or "late" (the
+    ``deadline`` passed first). Unless done, the job is cancelled, which drops it if it has not started."""
+    result, gone = asyncio.wrap_future(future), asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:  # on every way out, the handler's own cancellation (shutdown) included
+        gone.cancel()
+        if not result.done():
+            result.cancel()  # cancels ``future`` too, through wrap_future
+    if result in done:
+        return "done"
+    return "gone" if gone in done else "late"
 
 
 def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI:
@@ -69,6 +121,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
 
     batcher = Batcher(run, config.max_batch, config.max_wait_ms, config.queue_size, on_batch=on_batch)
     metrics = Metrics(lambda: batcher.depth, config.max_batch)
+    budget = config.pixel_step_budget(pipeline.model.size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,7 +137,11 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
                   lifespan=lifespan)
     app.state.pipeline, app.state.batcher, app.state.metrics, app.state.config = pipeline, batcher, metrics, config
 
-    async def generate(body: GenerateBody) -> Response:
+    def timed_out(dropped: bool) -> _Refusal:
+        return _Refusal(504, f"timed out after {config.timeout_s:g} s (queueing included); "
+                             + ("the request was dropped from the queue" if dropped else "its batch had already started"))
+
+    async def generate(body: GenerateBody, receive: Receive) -> Response:
         if body.format == "png" and body.num_images > 1:
             raise _Refusal(422, "format: png returns one image; use format base64 for num_images > 1",
                            {"format": "png returns one image; use base64 for num_images > 1"})
@@ -92,23 +149,31 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
             request = pipeline.prepare(body.to_request())
         except RequestError as e:
             raise _Refusal(422, str(e), {e.field: str(e).removeprefix(f"{e.field}: ")}) from None
+        cost = pixel_steps(request)
+        if cost > budget:
+            why = (f"{request.height}x{request.width} pixels x {request.steps} steps x {request.num_images} images = "
+                   f"{cost:,} pixel-steps, over this server's limit of {budget:,} per request (max_pixel_steps)")
+            raise _Refusal(422, f"body: {why}", {"body": why})
+        deadline = time.monotonic() + config.timeout_s
         try:
-            future = batcher.submit(request, request.batch_key(), request.num_images)
+            future = batcher.submit(request, request.batch_key(), request.num_images, deadline)
         except QueueFull:
             retry = max(1, math.ceil(last_batch["seconds"] * (config.queue_size / config.max_batch + 1)))
             raise _Refusal(503, f"queue full ({config.queue_size} requests waiting); retry later",
                            headers={"Retry-After": str(retry)}) from None
         except RuntimeError:
             raise _Refusal(503, "the server is stopping") from None
+        outcome = await _wait_for(future, receive, deadline)
+        if outcome == "gone":
+            raise _Refusal(CLIENT_GONE, "the client closed the connection while its request waited")
+        if outcome == "late":
+            raise timed_out(dropped=future.cancel())  # False once its batch has started: that batch runs to its end
         try:
-            images = await asyncio.wait_for(asyncio.wrap_future(future), config.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise _Refusal(504, f"timed out after {config.timeout_s:g} s (queueing included); the request was "
-                                "cancelled") from None
-        except asyncio.CancelledError:
-            future.cancel()  # the client went away: do not spend model time on it
-            raise
+            images = future.result()
+        except Expired:  # the batcher found it past its deadline before this handler did
+            raise timed_out(dropped=True) from None
+        except CancelledError:  # the batcher is stopping and dropped what waited
+            raise _Refusal(503, "the server is stopping") from None
         except Exception as e:  # noqa: BLE001 - the model failed on this batch; the server goes on
             raise _Refusal(500, f"generation failed: {type(e).__name__}: {e}") from None
         headers = {"X-Seed": str(request.seed), "X-Backend": pipeline.backend}
@@ -126,7 +191,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
         started = time.perf_counter()
         status = 500
         try:
-            raw = await _read_body(request, config.max_body_bytes)
+            raw = await _read_body(request, config.max_body_bytes, config.read_timeout_s)
             try:
                 body = parse(raw, config)
             except ValidationError as e:
@@ -134,7 +199,7 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
                     raise _Refusal(400, "the body is not valid JSON") from None
                 fields = error_messages(e)
                 raise _Refusal(422, "; ".join(f"{k}: {v}" for k, v in fields.items()), fields) from None
-            response = await generate(body)
+            response = await generate(body, request.receive)
         except _Refusal as r:
             response = _json_error(r)
         status = response.status_code
@@ -145,7 +210,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
     async def health() -> JSONResponse:
         ok = batcher.alive
         return JSONResponse({"status": "ok" if ok else "stopped", **pipeline.info(), "queue_depth": batcher.depth,
-                             "queue_size": config.queue_size, "max_batch": config.max_batch, "busy": batcher.busy},
+                             "queue_size": config.queue_size, "max_batch": config.max_batch, "busy": batcher.busy,
+                             "max_pixel_steps": budget},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")

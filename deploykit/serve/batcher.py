@@ -6,8 +6,11 @@ runs. The worker takes the oldest waiting job, then up to ``max_batch`` images' 
 the same key (same shape, steps, scheduler, guidance), waiting at most ``max_wait_ms`` after the
 oldest job arrived for more to come. Jobs of another key keep their place in the queue.
 
-A job's future is cancelled when its caller gives up (timeout, disconnect); the worker skips cancelled
-jobs, so a timed-out request does not cost model time unless its batch had already started.
+A job's future is cancelled when its caller gives up (timeout, disconnect), and a job may carry a
+deadline of its own: the worker drops cancelled jobs and jobs past their deadline (their future raises
+:class:`Expired`) without running them, whether or not the caller got round to cancelling, so a
+request that timed out while queued never costs model time nor delays the jobs behind it. A batch
+already running when its callers give up runs to its end: the model has no way to stop mid-batch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +27,27 @@ class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting jobs already."""
 
 
+class Expired(TimeoutError):
+    """The job's deadline passed before the worker got to it; it was not run."""
+
+
 @dataclass
 class Job:
     item: Any
     key: Hashable
     size: int  # images: what counts against max_batch
+    deadline: float | None = None  # time.monotonic() past which the job is not started
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+
+    def expire_if_late(self, now: float) -> bool:
+        """Fail the job's future with Expired if its deadline has passed; whether it is now finished."""
+        if self.deadline is not None and now >= self.deadline and not self.future.done():
+            try:
+                self.future.set_exception(Expired(f"not started within its deadline ({now - self.arrived:.1f} s queued)"))
+            except InvalidStateError:  # cancelled by its caller in the meantime
+                pass
+        return self.future.done()
 
 
 class Batcher:
@@ -60,14 +77,15 @@ class Batcher:
     def depth(self) -> int:
         """Jobs waiting (not counting the batch being run)."""
         with self._cond:
-            return sum(1 for j in self._pending if not j.future.cancelled())
+            return sum(1 for j in self._pending if not j.future.done())
 
-    def submit(self, item: Any, key: Hashable, size: int = 1) -> Future:
-        job = Job(item, key, size)
+    def submit(self, item: Any, key: Hashable, size: int = 1, deadline: float | None = None) -> Future:
+        """Queue ``item``; ``deadline`` (``time.monotonic()`` seconds) is when it is no longer worth starting."""
+        job = Job(item, key, size, deadline)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the batcher is stopped")
-            self._pending = [j for j in self._pending if not j.future.cancelled()]
+            self._drop_finished()
             if len(self._pending) >= self.queue_size:
                 raise QueueFull
             self._pending.append(job)
@@ -84,10 +102,15 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def _drop_finished(self) -> None:
+        """Forget jobs cancelled by their callers or past their deadline. Called with the lock held."""
+        now = time.monotonic()
+        self._pending = [j for j in self._pending if not j.expire_if_late(now)]
+
     def _take(self) -> list[Job] | None:
         """The next batch; None when stopping. Called with the lock held."""
         while True:
-            self._pending = [j for j in self._pending if not j.future.cancelled()]
+            self._drop_finished()
             if self._stopping:
                 return None
             if not self._pending:
@@ -118,8 +141,9 @@ class Batcher:
                 batch = self._take()
             if batch is None:
                 return
-            # a job cancelled between taking and now is dropped; the others are marked running
-            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            # a job cancelled or expired between taking and now is dropped; the others are marked running
+            now = time.monotonic()
+            batch = [j for j in batch if not j.expire_if_late(now) and j.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
             self.busy = True

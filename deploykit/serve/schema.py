@@ -27,6 +27,10 @@ class ServeConfig:
     max_prompt_chars: int = 1000  # CLIP reads 77 tokens; this bounds the tokenizer's work, not the model's
     max_images: int = 4          # per request
     max_body_bytes: int = 16 * 1024
+    # height x width x steps x images, per request: what one request may cost however its fields combine.
+    # None: the largest request at the artifact's own size (see pixel_step_budget)
+    max_pixel_steps: int | None = None
+    read_timeout_s: float = 10.0  # to send a request's headers, and again its body; past it, dropped / 408
     warmup: bool = True          # one tiny generation before serving: the first call pays the kernels' set-up
 
     def __post_init__(self):
@@ -34,12 +38,22 @@ class ServeConfig:
                      "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise ValueError("max_wait_ms must be at least 0 and timeout_s above 0")
+        if self.max_pixel_steps is not None and self.max_pixel_steps < 1:
+            raise ValueError("max_pixel_steps must be at least 1")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("max_wait_ms must be at least 0, timeout_s and read_timeout_s above 0")
+
+    def pixel_step_budget(self, side: int) -> int:
+        """The per-request compute cap for a model whose own images are ``side`` x ``side``."""
+        if self.max_pixel_steps is not None:
+            return self.max_pixel_steps
+        return side * side * self.max_steps * self.max_images
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # validate_default: a default is held to the server's limits too (20 steps on a --max-steps 10 server
+    # is refused, naming steps, rather than run)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
     prompt: str | None = Field(None, max_length=100_000, description="required for text-to-image artifacts; "
                                "refused by unconditional pixel models")
@@ -105,6 +119,11 @@ def error_messages(error: ValidationError) -> dict[str, str]:
             msg = e["msg"].removeprefix("Value error, ")
         out.setdefault(field, msg)
     return out
+
+
+def pixel_steps(request: Request) -> int:
+    """What a prepared request costs: its sampling loop touches height x width pixels, steps times, per image."""
+    return request.height * request.width * request.steps * request.num_images
 
 
 def parse(body: bytes, limits: ServeConfig) -> GenerateBody:
