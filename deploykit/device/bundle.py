@@ -27,7 +27,9 @@ import os
 import shutil
 from pathlib import Path
 
+from deploykit.errors import InputError
 from deploykit.io import atomic_write_json, atomic_write_text, sha256_file
+from deploykit.paths import OutsideFolder, inside
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
 SCRIPTS = ("run.py", "build_engines.py")  # executables, copied as they are
@@ -129,5 +131,47 @@ def manifest_sha256(bundle_dir: Path) -> str:
     return hashlib.sha256((Path(bundle_dir) / MANIFEST).read_bytes()).hexdigest()
 
 
+def listed_paths(manifest: dict) -> list[tuple[str, object]]:
+    """Every path bundle.json names, relative to the bundle, with the entry that names it: the files, each
+    graph, the tokenizer, and the engine folder each component's name becomes on the device. A table that
+    is not one (``files`` not an object) is listed as itself, for the check to refuse."""
+    files, components, pipeline = manifest.get("files"), manifest.get("components"), manifest.get("pipeline")
+    if not isinstance(files, dict) or not isinstance(components, dict):
+        return [(name, table) for name, table in (("files", files), ("components", components))
+                if not isinstance(table, dict)]
+    paths: list[tuple[str, object]] = [(f"files[{rel!r}]", rel) for rel in files]
+    for name, spec in components.items():
+        paths.append((f"components[{name!r}]", f"engines/{name}"))
+        paths.append((f"components[{name!r}].onnx", spec.get("onnx") if isinstance(spec, dict) else spec))
+    if isinstance(pipeline, dict):
+        paths.append(("pipeline.tokenizer", pipeline.get("tokenizer")))
+    return paths
+
+
+def path_problems(root: Path, manifest: dict) -> list[str]:
+    """The entries of ``manifest`` naming a path that is not inside the bundle folder ``root`` (``..``,
+    absolute, through a symlink out of it): a bundle may come from someone else, and its readers, here and
+    on the device, open nothing bundle.json names before this says nothing."""
+    problems = []
+    for entry, rel in listed_paths(manifest):
+        try:
+            inside(root, rel)
+        except OutsideFolder as e:
+            problems.append(f"{entry}: {e}")
+    return problems
+
+
 def read_manifest(bundle_dir: Path) -> dict:
-    return json.loads((Path(bundle_dir) / MANIFEST).read_text())
+    """bundle.json, refused (InputError) where it is not JSON or names a path outside the bundle."""
+    path = Path(bundle_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the bundle manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: not a bundle manifest (a JSON object)")
+    problems = path_problems(Path(bundle_dir), manifest)
+    if problems:
+        raise InputError(f"{path} names paths outside the bundle (refused: nothing was read or sent):\n  "
+                         + "\n  ".join(problems[:10]))
+    return manifest

@@ -7,13 +7,19 @@ Drives the device through :class:`deploykit.device.ssh.SSH` (the system's OpenSS
    or different (a re-run copies only what changed: the multi-GB graphs once);
 2. copy: those files as a tar stream piped through ssh into ``tar -xf -`` on the device (no sftp / scp needed);
 3. verify: ``run.py verify`` checks every file against bundle.json (sha256) on the device;
-4. build (``--backend tensorrt``): ``build_engines.sh``, which skips engines already built from the same graphs;
+4. build (``--backend tensorrt``): ``build_engines.py`` (what ``build_engines.sh`` runs), which skips engines
+   already built from the same graphs;
 5. bench: ``run.py bench`` there; its results.json comes back on stdout.
 
 The results then go into the artifact: ``remote/<host>/<backend>/`` and a ``<backend>@<host>`` entry in
 report.json / report.md with the roofline estimate of the recipe's target beside it, each file written
 atomically and the manifest updated last. A connection failure, a missing bundle or a non-zero exit on the
 device is one message and a non-zero exit code; the artifact is left as it was.
+
+The device is not trusted with the user's files: what it asks for in step 1 is sent only if bundle.json
+lists it, and bundle.json names nothing outside the bundle (:func:`deploykit.device.bundle.read_manifest`).
+Every word of a remote command line that comes from the user (the folder, the Python) is quoted for the
+remote shell.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploykit.device.bundle import manifest_sha256
+from deploykit.device.bundle import manifest_sha256, read_manifest
 from deploykit.device.ssh import SSH, SSH_FAILED
 from deploykit.errors import DeployKitError, InputError
 
@@ -38,15 +44,22 @@ class RemoteError(DeployKitError):
     """The device could not be reached, or a step failed there (exit code 1)."""
 
 
-def _remote_dir(text: str) -> str:
-    """A path the remote shell gets quoted; ``~/x`` is taken relative to the login folder (where ssh starts)."""
+def remote_dir(text: str) -> str:
+    """A path the remote shell gets quoted; ``~/x`` is taken relative to the login folder (where ssh starts),
+    and a relative path starting with ``-`` gets ``./`` so that mkdir and cd read it as a folder, not options."""
     if text in ("~", "~/"):
         return "."
-    return text[2:] if text.startswith("~/") else text
+    text = text[2:] if text.startswith("~/") else text
+    return "./" + text if text.startswith("-") else text
 
 
-def _quote_python(python: str) -> str:
-    words = shlex.split(python)
+def quote_python(python: str) -> str:
+    """``--remote-python`` as the remote shell should run it: a program and its arguments
+    (``/usr/bin/env python3``), each word quoted, so that nothing in it is expanded or run there."""
+    try:
+        words = shlex.split(python)
+    except ValueError as e:
+        raise InputError(f"--remote-python {python!r}: {e} (a program and its arguments, quoted as in a shell)") from None
     if not words:
         raise InputError("--remote-python is empty")
     return " ".join(shlex.quote(w) for w in words)
@@ -96,6 +109,20 @@ class RemoteBench:
             hint = hint or f"is `{self.remote_python}` on the device? (--remote-python PATH)"
         return RemoteError(f"{step} failed on {self.ssh.host} (exit status {rc}){detail}" + (f"\n{hint}" if hint else ""))
 
+    def _bundle_files(self, probe: object, want: dict[str, str], out: str) -> list[str]:
+        """The files the probe's answer asks for, each one bundle.json lists: a device that names any other
+        path (an absolute one, ``..``, a file of the user's) is refused before anything is sent."""
+        need = probe.get("need") if isinstance(probe, dict) else None
+        if not isinstance(need, list):
+            raise RemoteError(f"{self.ssh.host}: unexpected answer from the probe: {out[-500:]!r}")
+        foreign = [rel for rel in need if not isinstance(rel, str) or rel not in want]
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise RemoteError(f"the device {self.ssh.host} asked for {str(foreign[0])[:200]!r}{more}, which is not a "
+                              "file of the bundle (bundle.json): nothing was sent. deploykit sends only the bundle's "
+                              "own files; check what runs as --remote-python on that device")
+        return sorted(set(need))
+
     def run(self) -> tuple[dict, dict]:
         """Copy, build, bench on the device; returns (results, meta) without writing anything locally."""
         from deploykit.runtime.files import VerifiedArtifact
@@ -106,13 +133,14 @@ class RemoteBench:
         if not files.has(f"{BUNDLE}/bundle.json"):
             raise InputError(f"{self.artifact} has no bundle/: build it from a recipe with a Jetson target and a bundle "
                              "stage (recipes/sd15_jetson.yaml)")
+        py = quote_python(self.remote_python)
         bundle = files.folder(BUNDLE)  # every file hashed against the artifact's manifest
-        manifest = json.loads((bundle / "bundle.json").read_text())
+        manifest = read_manifest(bundle)  # every path it names inside the bundle
         bundle_sha = manifest_sha256(bundle)
         want = {**manifest["files"], "bundle.json": bundle_sha}
         name = manifest.get("recipe") or self.artifact.name
-        where = _remote_dir(self.remote_dir or f"deploykit-bundles/{name}") + f"/{BUNDLE}"
-        d, py = shlex.quote(where), _quote_python(self.remote_python)
+        where = remote_dir(self.remote_dir or f"deploykit-bundles/{name}") + f"/{BUNDLE}"
+        d = shlex.quote(where)
 
         # 1. probe
         self.say(f"{self.ssh.host}: checking {where} ...")
@@ -123,7 +151,7 @@ class RemoteBench:
             probe = json.loads(out.strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):
             raise RemoteError(f"{self.ssh.host}: unexpected answer from the probe: {out[-500:]!r}") from None
-        need = probe["need"]
+        need = self._bundle_files(probe, want, out)
 
         # 2. copy what is missing or different, as a tar stream through ssh
         if need:
@@ -155,9 +183,9 @@ class RemoteBench:
         # 4. build the engines there
         if self.backend == "tensorrt":
             self.say(f"{self.ssh.host}: building TensorRT engines (build_engines.sh; engines already built are kept)")
-            rc, _, tail = self.ssh.run(f"cd {d} && PYTHON={py} sh build_engines.sh")
+            rc, _, tail = self.ssh.run(f"cd {d} && {py} build_engines.py")
             if rc != 0:
-                raise self._fail("building the engines (build_engines.sh)", rc, tail,
+                raise self._fail("building the engines (build_engines.py)", rc, tail,
                                  "TensorRT on the device: JetPack's python3-libnvinfer (or trtexec); see bundle/README.txt")
 
         # 5. bench

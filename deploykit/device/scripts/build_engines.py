@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -99,6 +99,69 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 # Copied from deploykit.io.atomic_write_text
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# Copied from deploykit.paths.OutsideFolder
+class OutsideFolder(ValueError):
+    """A path that leaves the folder it must stay in; the message says how, for the caller to prefix
+    with the file and the entry it came from."""
+
+
+# Copied from deploykit.paths._within
+def _within(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+# Copied from deploykit.paths.inside
+def inside(root: str | os.PathLike, rel: object) -> Path:
+    """``root / rel``, where ``rel`` must be a relative path that stays in ``root`` with symlinks followed.
+
+    Raises :class:`OutsideFolder` for anything else: not a string, empty, absolute, with a ``..`` part,
+    or leading out through a symlink (checked whether or not the final file exists).
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise OutsideFolder(f"{rel!r} is not a relative path")
+    if rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive:
+        raise OutsideFolder(f"{rel!r} is an absolute path")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise OutsideFolder(f"{rel!r} goes up out of the folder ('..')")
+    path = Path(root) / rel
+    real = os.path.realpath(path)
+    if not _within(real, os.path.realpath(root)):
+        raise OutsideFolder(f"{rel!r} leads out of the folder through a symlink (to {real})")
+    return path
+
+
+# Copied from deploykit.device.bundle.listed_paths
+def listed_paths(manifest: dict) -> list[tuple[str, object]]:
+    """Every path bundle.json names, relative to the bundle, with the entry that names it: the files, each
+    graph, the tokenizer, and the engine folder each component's name becomes on the device. A table that
+    is not one (``files`` not an object) is listed as itself, for the check to refuse."""
+    files, components, pipeline = manifest.get("files"), manifest.get("components"), manifest.get("pipeline")
+    if not isinstance(files, dict) or not isinstance(components, dict):
+        return [(name, table) for name, table in (("files", files), ("components", components))
+                if not isinstance(table, dict)]
+    paths: list[tuple[str, object]] = [(f"files[{rel!r}]", rel) for rel in files]
+    for name, spec in components.items():
+        paths.append((f"components[{name!r}]", f"engines/{name}"))
+        paths.append((f"components[{name!r}].onnx", spec.get("onnx") if isinstance(spec, dict) else spec))
+    if isinstance(pipeline, dict):
+        paths.append(("pipeline.tokenizer", pipeline.get("tokenizer")))
+    return paths
+
+
+# Copied from deploykit.device.bundle.path_problems
+def path_problems(root: Path, manifest: dict) -> list[str]:
+    """The entries of ``manifest`` naming a path that is not inside the bundle folder ``root`` (``..``,
+    absolute, through a symlink out of it): a bundle may come from someone else, and its readers, here and
+    on the device, open nothing bundle.json names before this says nothing."""
+    problems = []
+    for entry, rel in listed_paths(manifest):
+        try:
+            inside(root, rel)
+        except OutsideFolder as e:
+            problems.append(f"{entry}: {e}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.bundle).resolve()
     manifest = json.loads((root / "bundle.json").read_text())
+    problems = path_problems(root, manifest)
+    if problems:  # a bundle may come from someone else: nothing is read or written outside it
+        raise SystemExit(f"error: {root / 'bundle.json'} names paths outside the bundle: " + "; ".join(problems[:5]))
     settings = dict(manifest["engine"])
     if args.workspace_gb:
         settings["workspace_gb"] = args.workspace_gb
