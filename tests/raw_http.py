@@ -109,3 +109,30 @@ def post(path: str, body: bytes, *headers: str, length: int | None = -1) -> byte
 
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def slow_crowd(port: int, clients: int = 30) -> tuple[list[int | None], int]:
+    """``clients`` connections trickling a byte every 10 ms: a third each a body (Content-Length), chunks, and
+    headers that never end; meanwhile /health is asked every 50 ms and must answer 200. Returns each slow
+    client's outcome (a status, None for a connection closed without an answer) and how often /health answered."""
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+    crowd = [(head + b"Content-Length: 200\r\n\r\n", b" " * 200),                       # a body too slow: 408
+             (head + b"Transfer-Encoding: chunked\r\n\r\n", b"1\r\n \r\n" * 200),  # chunks too slow: 408
+             (head, b"X-Slow: 1\r\n" * 200)]                                              # endless headers: dropped
+    outcomes: list[int | None] = []
+
+    def slow(start: bytes, trickled: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(start)
+            trickle(sock, [trickled[i:i + 1] for i in range(len(trickled))], every_s=0.01)
+            outcomes.append(read_reply(sock).status)
+
+    threads = [threading.Thread(target=slow, args=crowd[i % 3]) for i in range(clients)]
+    for t in threads:
+        t.start()
+    answered = 0
+    while any(t.is_alive() for t in threads):
+        assert exchange(port, GET_HEALTH, timeout=5).status == 200
+        answered += 1
+        time.sleep(0.05)
+    return outcomes, answered

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,39 +21,9 @@ import pytest
 import torch
 
 from deploykit.errors import InputError
-from tests.conftest import REPO, _build_quietly, run_cli
-
-JETSON_RECIPE = """\
-name: tiny-jetson
-teacher: random:tiny-sd
-resolution: 32
-target: jetson-agx-orin
-seed: 0
-stages:
-  - stage: prune
-    macs_target: 0.5
-    round_to: 4
-  - stage: export
-    check_batch: 2
-  - stage: bundle
-    warmup: 1
-    runs: 5
-"""
-
-# Runs a bundle script with `import deploykit` failing, as on a device without deploykit (and whatever else
-# BLOCK_IMPORTS names: a device without Pillow)
-NO_DEPLOYKIT = """\
-import importlib.abc, os, runpy, sys
-BLOCKED = ["deploykit"] + os.environ.get("BLOCK_IMPORTS", "").split()
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked: a device has no {name.split('.')[0]})")
-sys.meta_path.insert(0, Block())
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
+from tests.conftest import REPO, run_cli
+from tests.device_servers import NO_DEPLOYKIT, free_port
+from tests.device_servers import jetson_artifact as build_jetson_artifact
 
 
 def run_bundle(script: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -84,16 +53,10 @@ def test_run_py_feeds_constants_by_role(bundle_run):
     assert feeds["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def jetson_artifact(tmp_path_factory) -> Path:
-    """The tiny SD pipeline with a Jetson recipe: prune, export, bundle (about a minute on 2 cores)."""
-    return _build_quietly(tmp_path_factory.mktemp("jetson"), JETSON_RECIPE)
+    """The tiny SD pipeline with a Jetson recipe: prune, export, bundle (about a minute on 2 cores; once a session)."""
+    return build_jetson_artifact(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +64,7 @@ def bundle_run(jetson_artifact):
     """The artifact's run.py, imported as a module (it imports nothing from deploykit)."""
     spec = importlib.util.spec_from_file_location("bundle_run_py", jetson_artifact / "bundle" / "run.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -225,7 +189,7 @@ def test_run_py_serve_answers_with_an_image(jetson_artifact):
             except (urllib.error.URLError, ConnectionError):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.5)
-        assert health["kind"] == "sd" and health["backend"] == "onnxruntime-cpu" and health["size"] == 32
+        assert health["kind"] == "sd" and health["backend"] == "onnxruntime-cpu" and health["height"] == 32
         request = urllib.request.Request(f"{url}/generate", data=json.dumps(
             {"prompt": "a red bicycle", "steps": 3, "seed": 1}).encode(), method="POST")
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -510,3 +474,161 @@ def test_a_tensorrt_run_goes_into_the_report_beside_its_estimate(jetson_artifact
     assert "| tensorrt@orin | NVIDIA Jetson AGX Orin Developer Kit | fp16 | 2x4x64x64 | 30.00 | 15.00 | **2.00x**" in md
     assert "12 of 40 layers eligible for sparse math ran sparse" in md
     assert "| tensorrt@orin | teacher |" in md  # the roofline table beside the measurement
+
+
+# ----------------------------------------------------------------------------------------------
+# a hostile device, a hostile bundle, a careless command line
+
+
+def test_remote_words_are_arguments_to_the_remote_shell():
+    from deploykit.device.remote_bench import quote_python, remote_dir
+
+    assert remote_dir("-rf x") == "./-rf x" and remote_dir("~/a b") == "a b" and remote_dir("~") == "."
+    assert quote_python("/usr/bin/env python3") == "/usr/bin/env python3"  # a program and its arguments
+    assert quote_python("python3; rm -rf ~") == "'python3;' rm -rf '~'"  # each word quoted: nothing runs
+    with pytest.raises(InputError, match="--remote-python"):
+        quote_python("'unbalanced")
+
+
+def _fake_python(path: Path, need: list[str]) -> Path:
+    """A device whose Python answers the probe with ``need`` and runs everything else as the real one does."""
+    answer = json.dumps({"need": need, "python": "3.10.12", "machine": "aarch64"})
+    path.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then cat >/dev/null; printf '%s\\n' '{answer}'; exit 0; fi\n"
+                    f"exec {sys.executable} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("asks", ["absolute", "dotdot"])
+def test_a_device_that_asks_for_other_files_gets_nothing(sshd, jetson_artifact, tmp_path, asks):
+    """The device's answer to the probe named a file of the user's: refused (exit 1, naming the device), nothing
+    sent. Before: the file went into the tar stream (an absolute path as it is, `..` resolved from the bundle)."""
+    secret = tmp_path / "home" / ".ssh" / "id_ed25519"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("PRIVATE KEY")
+    remote = tmp_path / "device"
+    need = str(secret) if asks == "absolute" else os.path.relpath(secret, jetson_artifact / "bundle")
+    before = _snapshot(jetson_artifact)
+    args = bench_args(sshd, jetson_artifact, remote)
+    args[args.index("--remote-python") + 1] = str(_fake_python(tmp_path / "python", ["run.py", need]))
+    result = run_cli(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"the device {sshd['user']}@127.0.0.1:{sshd['port']} asked for" in result.stderr
+    assert "nothing was sent" in result.stderr
+    assert not [p for p in remote.rglob("*") if p.is_file()]  # not even the files it may have
+    assert _snapshot(jetson_artifact) == before
+
+
+def test_remote_python_with_arguments_runs_the_engine_build(sshd, jetson_artifact, tmp_path):
+    """--remote-python "/usr/bin/env PATH=... python3": one program with arguments, at every step. Before, the
+    engine build ran `PYTHON=/usr/bin/env PATH=... python3 sh build_engines.sh`: python3 given `sh` to run."""
+    fake = tmp_path / "bin" / "trtexec"  # no TensorRT here: a stand-in that writes the engine file
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v100300]'\n"
+                    "for a in \"$@\"; do case $a in --saveEngine=*) echo engine > \"${a#--saveEngine=}\";; esac; done\n")
+    fake.chmod(0o755)
+    remote = tmp_path / "device"
+    args = bench_args(sshd, jetson_artifact, remote)
+    args[args.index("--backend") + 1] = "tensorrt"
+    args[args.index("--remote-python") + 1] = f"/usr/bin/env PATH={fake.parent}:/usr/bin:/bin OMP_NUM_THREADS=1 {sys.executable}"
+    result = run_cli(*args)
+    # the engines were built; the bench then needs TensorRT's runtime, which is not here
+    assert (remote / "bundle" / "engines" / "engines.json").is_file(), result.stderr
+    assert result.returncode == 1 and "the benchmark (run.py bench) failed" in result.stderr, result.stderr
+    assert "TensorRT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_remote_dir_with_shell_metacharacters_is_a_folder_name(sshd, jetson_artifact, tmp_path):
+    marks = ["PWNED-1", "PWNED-2", "PWNED-3"]
+    for mark in marks:
+        assert not (Path.home() / mark).exists()
+    remote = tmp_path / "dev ice" / f"it's $(touch {marks[0]}) `touch {marks[1]}`; touch {marks[2]} & \"x\""
+    result = run_cli(*bench_args(sshd, jetson_artifact, remote, None, "--runs", "1", "--warmup", "0"),
+                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (remote / "bundle" / "run.py").is_file() and (remote / "bundle" / "results.json").is_file()
+    assert not [m for m in marks for where in (Path.home(), tmp_path, remote, remote / "bundle") if (where / m).exists()]
+
+
+def _hostile_bundle(jetson_artifact: Path, tmp_path: Path, case: str) -> tuple[Path, Path]:
+    """A copy of the bundle whose bundle.json names a file outside it (``case``), with the right sha256, so that
+    hashes alone would pass it; returns (bundle folder, the outside file)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(jetson_artifact / "bundle", bundle)
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(bundle / "onnx" / "student" / "unet" / "model.onnx", outside)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    sha = manifest["files"]["onnx/student/unet/model.onnx"]
+    if case == "files-dotdot":
+        manifest["files"]["../outside.onnx"] = sha
+    elif case == "files-absolute":
+        manifest["files"][str(outside)] = sha
+    elif case == "onnx-dotdot":
+        manifest["files"]["../outside.onnx"] = sha
+        manifest["components"]["student/unet"]["onnx"] = "../outside.onnx"
+    elif case == "symlink":
+        (bundle / "onnx" / "student" / "unet" / "model.onnx").unlink()
+        (bundle / "onnx" / "student" / "unet" / "model.onnx").symlink_to(outside)
+    elif case == "component":
+        manifest["components"]["../../escaped"] = manifest["components"]["student/unet"]
+    elif case == "tokenizer":
+        manifest["pipeline"]["tokenizer"] = str(tmp_path)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle, outside
+
+
+BAD_BUNDLES = ["files-dotdot", "files-absolute", "onnx-dotdot", "symlink", "component", "tokenizer"]
+
+
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_the_device_scripts_refuse_a_bundle_naming_paths_outside_it(jetson_artifact, tmp_path, case):
+    """run.py and build_engines.py open nothing bundle.json names outside the bundle (before: the sha256 matched,
+    so run.py verify passed and run.py would load the outside graph; build_engines.py would write engines/../../)."""
+    bundle, _ = _hostile_bundle(jetson_artifact, tmp_path, case)
+    result = run_bundle(bundle / "run.py", "verify")
+    assert result.returncode == 2 and "names paths outside the bundle" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_bundle(bundle / "build_engines.py", "--dry-run")
+    assert result.returncode != 0 and "names paths outside the bundle" in result.stderr, result.stderr
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_run_py_refuses_an_engine_table_naming_paths_outside_the_bundle(jetson_artifact, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(jetson_artifact / "bundle", bundle)
+    (tmp_path / "outside.engine").write_text("engine")
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / "engines.json").write_text(json.dumps({"teacher/unet": {"engine": "../outside.engine"},
+                                                                  "student/unet": {"engine": "../outside.engine"}}))
+    result = run_bundle(bundle / "run.py", "bench", "--backend", "tensorrt", "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "engines.json: engine '../outside.engine' goes up" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_the_host_refuses_a_bundle_naming_paths_outside_it(jetson_artifact, tmp_path, case):
+    from deploykit.device.bundle import read_manifest
+
+    bundle, _ = _hostile_bundle(jetson_artifact, tmp_path, case)
+    with pytest.raises(InputError, match="names paths outside the bundle"):
+        read_manifest(bundle)
+
+
+@pytest.mark.parametrize("case", ["files-dotdot", "files-absolute"])
+def test_deploykit_bench_sends_nothing_from_a_bundle_naming_paths_outside_it(sshd, jetson_artifact, tmp_path, case):
+    """An artifact from someone else whose bundle.json (its manifest re-hashed to match) lists a file outside the
+    bundle: exit 2 before any connection. Before: the device found that file missing and the host sent it."""
+    from deploykit.artifact import Artifact
+
+    copy = tmp_path / "art"
+    shutil.copytree(jetson_artifact, copy, ignore=shutil.ignore_patterns("stages", "remote"))
+    shutil.rmtree(copy / "bundle")
+    bundle, outside = _hostile_bundle(jetson_artifact, tmp_path / "made", case)
+    shutil.copytree(bundle, copy / "bundle")
+    if case == "files-dotdot":  # ../outside.onnx from the bundle: the artifact's own folder
+        shutil.copy(outside, copy / "outside.onnx")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    Artifact(copy).update_files(["bundle/bundle.json"], removed=[f for f in manifest["files"] if f.startswith("remote/")])
+    remote = tmp_path / "device"
+    result = run_cli(*bench_args(sshd, copy, remote))
+    assert result.returncode == 2 and "names paths outside the bundle" in result.stderr, result.stderr
+    assert not remote.exists()

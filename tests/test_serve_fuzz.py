@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploykit.serve import ServeConfig, create_app
-from tests.raw_http import GET_HEALTH, exchange, read_reply, serving, trickle
+from tests.raw_http import GET_HEALTH, exchange, serving, slow_crowd
 
 EXAMPLES = int(os.environ.get("DEPLOYKIT_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=EXAMPLES or 40, deadline=None, derandomize=not EXAMPLES, database=None,
@@ -205,26 +202,7 @@ def test_fuzz_count(server):
 def test_slow_clients_never_block_health(server):
     """A crowd trickling headers and bodies: each is answered 408 or dropped, and /health answers throughout."""
     port, errors, _ = server
-    head = b"POST /generate HTTP/1.1\r\nHost: x\r\n"
-    crowd = [(head + b"Content-Length: 200\r\n\r\n", b" " * 200),                       # a body too slow: 408
-             (head + b"Transfer-Encoding: chunked\r\n\r\n", b"1\r\n \r\n" * 200),  # chunks too slow: 408
-             (head, b"X-Slow: 1\r\n" * 200)]                                              # endless headers: dropped
-    outcomes: list = []
-
-    def slow(start: bytes, trickled: bytes) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(start)
-            trickle(sock, [trickled[i:i + 1] for i in range(len(trickled))], every_s=0.01)
-            outcomes.append(read_reply(sock).status)
-
-    threads = [threading.Thread(target=slow, args=crowd[i % 3]) for i in range(30)]
-    for t in threads:
-        t.start()
-    answered = 0
-    while any(t.is_alive() for t in threads):
-        assert exchange(port, GET_HEALTH, timeout=5).status == 200
-        answered += 1
-        time.sleep(0.05)
+    outcomes, answered = slow_crowd(port)
     assert answered > 0 and outcomes.count(408) == 20 and outcomes.count(None) == 10, outcomes
     assert errors.records == []
 

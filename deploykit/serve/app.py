@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
@@ -205,6 +206,12 @@ def create_app(pipeline: Pipeline, config: ServeConfig | None = None) -> FastAPI
         status = response.status_code
         metrics.observe_request(status, time.perf_counter() - started)
         return response
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, e: HTTPException) -> JSONResponse:
+        # the router's 404 (no such path) and 405 (another method), as {"error"} like every other refusal
+        return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path}"}, status_code=e.status_code,
+                            headers=e.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -22,23 +22,33 @@ against tensorrt-stubs in CI.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
-import html
 import io
 import json
+import math
 import os
 import platform
+import queue
 import re
+import secrets
+import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,8 +89,12 @@ def load_manifest(root: Path) -> dict:
         raise BundleError(f"{path}: cannot read the bundle manifest ({e})") from None
     except json.JSONDecodeError as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: bundle format {manifest.get('format')!r}; this run.py reads format {FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise BundleError(f"{path}: bundle format {found!r}; this run.py reads format {FORMAT}")
+    problems = path_problems(root, manifest)
+    if problems:  # a bundle may come from someone else: nothing outside it is read, run or served
+        raise BundleError(f"{path} names paths outside the bundle: " + "; ".join(problems[:5]))
     return manifest
 
 
@@ -139,6 +153,69 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 # Copied from deploykit.io.atomic_write_text
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# Copied from deploykit.paths.OutsideFolder
+class OutsideFolder(ValueError):
+    """A path that leaves the folder it must stay in; the message says how, for the caller to prefix
+    with the file and the entry it came from."""
+
+
+# Copied from deploykit.paths._within
+def _within(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+# Copied from deploykit.paths.inside
+def inside(root: str | os.PathLike, rel: object) -> Path:
+    """``root / rel``, where ``rel`` must be a relative path that stays in ``root`` with symlinks followed.
+
+    Raises :class:`OutsideFolder` for anything else: not a string, empty, absolute, with a ``..`` part,
+    or leading out through a symlink (checked whether or not the final file exists).
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise OutsideFolder(f"{rel!r} is not a relative path")
+    if rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive:
+        raise OutsideFolder(f"{rel!r} is an absolute path")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise OutsideFolder(f"{rel!r} goes up out of the folder ('..')")
+    path = Path(root) / rel
+    real = os.path.realpath(path)
+    if not _within(real, os.path.realpath(root)):
+        raise OutsideFolder(f"{rel!r} leads out of the folder through a symlink (to {real})")
+    return path
+
+
+# Copied from deploykit.device.bundle.listed_paths
+def listed_paths(manifest: dict) -> list[tuple[str, object]]:
+    """Every path bundle.json names, relative to the bundle, with the entry that names it: the files, each
+    graph, the tokenizer, and the engine folder each component's name becomes on the device. A table that
+    is not one (``files`` not an object) is listed as itself, for the check to refuse."""
+    files, components, pipeline = manifest.get("files"), manifest.get("components"), manifest.get("pipeline")
+    if not isinstance(files, dict) or not isinstance(components, dict):
+        return [(name, table) for name, table in (("files", files), ("components", components))
+                if not isinstance(table, dict)]
+    paths: list[tuple[str, object]] = [(f"files[{rel!r}]", rel) for rel in files]
+    for name, spec in components.items():
+        paths.append((f"components[{name!r}]", f"engines/{name}"))
+        paths.append((f"components[{name!r}].onnx", spec.get("onnx") if isinstance(spec, dict) else spec))
+    if isinstance(pipeline, dict):
+        paths.append(("pipeline.tokenizer", pipeline.get("tokenizer")))
+    return paths
+
+
+# Copied from deploykit.device.bundle.path_problems
+def path_problems(root: Path, manifest: dict) -> list[str]:
+    """The entries of ``manifest`` naming a path that is not inside the bundle folder ``root`` (``..``,
+    absolute, through a symlink out of it): a bundle may come from someone else, and its readers, here and
+    on the device, open nothing bundle.json names before this says nothing."""
+    problems = []
+    for entry, rel in listed_paths(manifest):
+        try:
+            inside(root, rel)
+        except OutsideFolder as e:
+            problems.append(f"{entry}: {e}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +394,21 @@ def engine_table(root: Path) -> dict:
     path = root / ENGINES_JSON
     if not path.is_file():
         raise BundleError(f"no TensorRT engines in {root / 'engines'}: run `sh build_engines.sh` on this device first")
-    return json.loads(path.read_text())
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path}: cannot read it ({e}): run `sh build_engines.sh --force`") from None
+    if not isinstance(table, dict) or not all(isinstance(e, dict) for e in table.values()):
+        raise BundleError(f"{path}: not an engine table: run `sh build_engines.sh --force`")
+    return table
+
+
+def engine_path(root: Path, entry: dict) -> Path:
+    """An engines.json entry's engine file, which must be inside the bundle like every path the bundle names."""
+    try:
+        return inside(root, entry.get("engine"))
+    except OutsideFolder as e:
+        raise BundleError(f"{root / ENGINES_JSON}: engine {e}") from None
 
 
 def load_model(root: Path, manifest: dict, component: str, backend: str) -> Model:
@@ -330,11 +421,11 @@ def load_model(root: Path, manifest: dict, component: str, backend: str) -> Mode
     if backend != "tensorrt":
         raise BundleError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     entry = engine_table(root).get(component)
-    if entry is None or not (root / entry["engine"]).is_file():
+    if entry is None or not (engine := engine_path(root, entry)).is_file():
         raise BundleError(f"no TensorRT engine for {component}: run `sh build_engines.sh` on this device")
     if entry.get("onnx_sha256") != manifest["files"].get(spec["onnx"]):
         raise BundleError(f"the {component} engine was built from another ONNX graph: run `sh build_engines.sh`")
-    return TensorRTModel(root / entry["engine"])
+    return TensorRTModel(engine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,12 +754,16 @@ class Generator:
             values["text"] = hidden
         return self.unet(values, "noise")
 
+    def noise(self, seed: int, images: int = 1) -> np.ndarray:
+        """The starting noise of ``images`` images drawn from ``seed``, (images, C, h, w): the first image's is
+        the same however many are drawn, so a seed gives the same first image for any ``num_images``."""
+        return np.random.default_rng(seed).standard_normal((images, *self.sample_shape)).astype(np.float32)
+
     def generate(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int,
                  noise: np.ndarray | None = None) -> np.ndarray:
         """One image, HWC uint8, from ``noise`` (1, C, h, w) or noise drawn from ``seed``."""
         scheduler = DDIM(*self.scheduler_args)
-        x = (np.random.default_rng(seed).standard_normal((1, *self.sample_shape)) if noise is None else noise)
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(self.noise(seed) if noise is None else noise, dtype=np.float32)
         hidden = None
         guided = self.kind == "sd" and guidance_scale > 1.0
         if self.kind == "sd":
@@ -697,115 +792,588 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------
-# serve
+# serve: deploykit serve's POST /generate contract (docs/serving.md in deploykit's source tree), with the
+# standard library alone: the same fields, types, limits, status codes, headers and response formats, and
+# one test module runs the same cases against both servers. What differs is what the model here can do:
+# images at the engines' one size, one scheduler (ddim), one request at a time (no batching).
 
 
-class RequestError(ValueError):
-    pass
+# Copied from deploykit.runtime.pipeline.MAX_SEED
+MAX_SEED = 2**32 - 1
+
+# Copied from deploykit.runtime.pipeline.SCHEDULERS
+SCHEDULERS = ("ddim", "dpm-solver++", "euler")
+
+SAMPLES_WITH = ("ddim",)  # of the contract's schedulers, those run.py runs; /health lists them
+MAX_JSON_DEPTH = 200  # nesting deploykit serve's JSON parser reads; deeper is not JSON to either server
+LINGER_S = 1.0  # after answering, how long a connection is drained before it closes (see BoundedHTTPServer)
+ROUTES = {"/generate": "POST", "/health": "GET"}
 
 
-def parse_request(body: dict, generator: Generator, max_steps: int) -> dict:
-    known = {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "height", "width"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise RequestError(f"{unknown[0]}: unknown field")
-    req = {"prompt": body.get("prompt"), "negative_prompt": body.get("negative_prompt") or "",
-           "steps": body.get("steps", 20), "guidance_scale": body.get("guidance_scale", 7.5),
-           "seed": body.get("seed", int.from_bytes(os.urandom(4), "little"))}
-    if generator.kind == "sd":
-        if not isinstance(req["prompt"], str) or not req["prompt"]:
-            raise RequestError("prompt: required, a string")
-        if not isinstance(req["negative_prompt"], str):
-            raise RequestError("negative_prompt: a string")
-    elif req["prompt"] is not None:
-        raise RequestError("prompt: this bundle's model is an unconditional pixel-space UNet; it takes no prompt")
-    if not isinstance(req["steps"], int) or isinstance(req["steps"], bool) or not 1 <= req["steps"] <= max_steps:
-        raise RequestError(f"steps: an integer from 1 to {max_steps}")
-    if not isinstance(req["guidance_scale"], (int, float)) or isinstance(req["guidance_scale"], bool) \
-            or not 0 <= req["guidance_scale"] <= 50:
-        raise RequestError("guidance_scale: a number from 0 to 50")
-    if not isinstance(req["seed"], int) or isinstance(req["seed"], bool) or not 0 <= req["seed"] < 2 ** 32:
-        raise RequestError("seed: an integer from 0 to 2**32 - 1")
+# Copied from deploykit.serve.schema.ServeConfig
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 4           # images per model call; 1 turns batching off
+    max_wait_ms: float = 10.0    # how long the oldest waiting request may wait for others to join its batch
+    queue_size: int = 16         # requests waiting (beyond the batch being run); more get 503
+    timeout_s: float = 60.0      # per request, queueing included; past it, 504
+    max_steps: int = 100
+    max_side: int = 1024         # pixels, height and width each
+    max_prompt_chars: int = 1000  # CLIP reads 77 tokens; this bounds the tokenizer's work, not the model's
+    max_images: int = 4          # per request
+    max_body_bytes: int = 16 * 1024
+    # height x width x steps x images, per request: what one request may cost however its fields combine.
+    # None: the largest request at the artifact's own size (see pixel_step_budget)
+    max_pixel_steps: int | None = None
+    read_timeout_s: float = 10.0  # to send a request's headers, and again its body; past it, dropped / 408
+    warmup: bool = True          # one tiny generation before serving: the first call pays the kernels' set-up
+
+    def __post_init__(self):
+        for name in ("max_batch", "queue_size", "max_steps", "max_side", "max_prompt_chars", "max_images",
+                     "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_pixel_steps is not None and self.max_pixel_steps < 1:
+            raise ValueError("max_pixel_steps must be at least 1")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("max_wait_ms must be at least 0, timeout_s and read_timeout_s above 0")
+
+    def pixel_step_budget(self, side: int) -> int:
+        """The per-request compute cap for a model whose own images are ``side`` x ``side``."""
+        if self.max_pixel_steps is not None:
+            return self.max_pixel_steps
+        return side * side * self.max_steps * self.max_images
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A POST /generate body: the fields and defaults of deploykit serve's GenerateBody."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    scheduler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    format: str = "png"
+
+
+class Refusal(Exception):
+    """An answer other than images: its status, its message, the fields at fault and any headers."""
+
+    def __init__(self, status: int, error: str, fields: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.fields, self.headers = status, error, fields or {}, headers or {}
+
+    def body(self) -> dict:
+        return {"error": self.error, **({"fields": self.fields} if self.fields else {})}
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was answered: there is no one to answer."""
+
+
+def invalid(fields: dict[str, str]) -> Refusal:
+    """422 naming each field at fault: ``{"error": "steps: ...", "fields": {"steps": "..."}}``."""
+    return Refusal(422, "; ".join(f"{name}: {message}" for name, message in fields.items()), fields)
+
+
+def _nesting_over(text: str, limit: int) -> bool:
+    """Whether the arrays and objects of JSON ``text`` nest deeper than ``limit`` (brackets in strings aside)."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def parse_json(raw: bytes) -> object:
+    """The body as deploykit serve's parser reads JSON: UTF-8 only (no BOM), no lone surrogate escapes, at most
+    MAX_JSON_DEPTH levels deep (Python's own parser would recurse until it failed); anything else is a 400."""
+    try:
+        text = raw.decode("utf-8")
+        if _nesting_over(text, MAX_JSON_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") cannot be encoded
+    except (ValueError, RecursionError) as e:  # UnicodeError and JSONDecodeError are ValueErrors
+        raise Refusal(400, f"the body is not valid JSON ({str(e)[:200]})") from None
+    return value
+
+
+def _text(value: object, limits: ServeConfig) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return "Input should be a valid string"
+    if len(value) > min(limits.max_prompt_chars, 100_000):
+        return f"at most {limits.max_prompt_chars} characters on this server (got {len(value)})"
+    return None
+
+
+def _integer(value: object, low: int, high: int, limit: int | None = None, unit: str = "", multiple: int = 1) -> str | None:
+    """A strict integer (not a bool, not 2.0) from ``low`` to ``high``, a multiple of ``multiple``, then at
+    most this server's ``limit``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "Input should be a valid integer"
+    if not low <= value <= high:
+        return f"Input should be from {low} to {high}"
+    if value % multiple:
+        return f"Input should be a multiple of {multiple}"
+    if limit is not None and value > limit:
+        return f"at most {limit}{unit} on this server"
+    return None
+
+
+def _guidance(value: object, limits: ServeConfig) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "Input should be a valid number"
+    return None if 0 <= value <= 50 else "Input should be a number from 0 to 50"
+
+
+# each field's check (deploykit.serve.schema.GenerateBody's strict types, bounds and server limits): a message, or None
+FIELDS: dict[str, Callable[[object, ServeConfig], str | None]] = {
+    "prompt": _text,
+    "negative_prompt": _text,
+    "steps": lambda v, limits: _integer(v, 1, 10_000, limits.max_steps),
+    "guidance_scale": _guidance,
+    "seed": lambda v, limits: None if v is None else _integer(v, 0, MAX_SEED),
+    "scheduler": lambda v, limits: None if v in SCHEDULERS else "Input should be " + " or ".join(map(repr, SCHEDULERS)),
+    "height": lambda v, limits: None if v is None else _integer(v, 8, 16_384, limits.max_side, " pixels", multiple=8),
+    "width": lambda v, limits: None if v is None else _integer(v, 8, 16_384, limits.max_side, " pixels", multiple=8),
+    "num_images": lambda v, limits: _integer(v, 1, 1024, limits.max_images, " per request"),
+    "format": lambda v, limits: None if v in ("png", "base64") else "Input should be 'png' or 'base64'",
+}
+
+
+def check_body(body: object, limits: ServeConfig) -> GenerateRequest:
+    """The request a JSON body asks for, every field at fault named at once (422). Defaults are held to the
+    server's limits too: 20 steps on a --max-steps 10 server is refused, naming steps, as deploykit serve does."""
+    if not isinstance(body, dict):
+        raise invalid({"body": "must be a JSON object"})
+    defaults = GenerateRequest()
+    values = {name: body.get(name, getattr(defaults, name)) for name in FIELDS}
+    errors = {name: message for name, check in FIELDS.items() if (message := check(values[name], limits))}
+    errors.update({name: "unknown field" for name in body if name not in FIELDS})
+    if errors:
+        raise invalid(errors)
+    return GenerateRequest(**values)
+
+
+def prepare(request: GenerateRequest, kind: str, size: int) -> GenerateRequest:
+    """``request`` as this model runs it (defaults resolved, a seed drawn), or 422 for what it cannot make."""
+    if request.format == "png" and request.num_images > 1:
+        raise invalid({"format": "png returns one image; use base64 for num_images > 1"})
+    if kind == "pixel":
+        for name in ("prompt", "negative_prompt"):
+            if getattr(request, name) is not None:
+                raise invalid({name: "this model is an unconditional pixel-space UNet; it takes no prompt"})
+    elif request.prompt is None:
+        raise invalid({"prompt": "required: this model is a text-to-image model"})
+    if request.scheduler not in SAMPLES_WITH:
+        raise invalid({"scheduler": f"this server samples with {' or '.join(SAMPLES_WITH)} only"})
     for name in ("height", "width"):
-        if name in body and body[name] != generator.size:
-            raise RequestError(f"{name}: the engines were built for {generator.size}x{generator.size} images only")
-    return req
+        if getattr(request, name) not in (None, size):
+            raise invalid({name: f"this server makes {size}x{size} images only (its engines' size)"})
+    return replace(request, seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+                   height=size, width=size, negative_prompt=request.negative_prompt or "",
+                   guidance_scale=1.0 if kind == "pixel" else float(request.guidance_scale))
 
 
-def make_handler(generator: Generator, max_steps: int) -> type[BaseHTTPRequestHandler]:
-    lock = threading.Lock()  # one model: one generation at a time
+def check_budget(request: GenerateRequest, size: int, budget: int) -> None:
+    """422 before any work for a request whose height x width x steps x images is over the server's budget."""
+    cost = size * size * request.steps * request.num_images
+    if cost > budget:
+        raise invalid({"body": f"{size}x{size} pixels x {request.steps} steps x {request.num_images} images = "
+                               f"{cost:,} pixel-steps, over this server's limit of {budget:,} per request (max_pixel_steps)"})
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "deploykit-bundle/1"
 
-        def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
+class QueueFull(Exception):
+    """``queue_size`` requests wait for the model already."""
+
+
+class Expired(Exception):
+    """The request's deadline passed before the model got to it; it was not run."""
+
+
+class ModelWorker:
+    """One thread runs the model, one request at a time, and at most ``queue_size`` requests wait for it
+    (deploykit serve's batcher, with batches of one). A request whose deadline passed or whose client left
+    before its turn is dropped unrun; one already running runs to its end (the model cannot stop mid-way)."""
+
+    def __init__(self, queue_size: int) -> None:
+        self.queue_size = queue_size
+        self.waiting = 0
+        self.busy = False
+        self.last_seconds = 1.0  # the last generation's time: what Retry-After is estimated from
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run.py-model")
+
+    def submit(self, work: Callable[[], Any], deadline: float, wanted: Callable[[], bool]) -> Future:
+        """Queue ``work``; raises QueueFull. ``wanted()`` says, when its turn comes, whether anyone still waits."""
+        def run() -> Any:
+            with self._lock:
+                self.waiting -= 1
+            if time.monotonic() >= deadline:
+                raise Expired()
+            if not wanted():
+                raise ClientGone()
+            self.busy = True
+            started = time.perf_counter()
+            try:
+                return work()
+            finally:
+                self.last_seconds = time.perf_counter() - started
+                self.busy = False
+
+        with self._lock:
+            if self.waiting >= self.queue_size:
+                raise QueueFull()
+            self.waiting += 1
+        try:
+            future = self._pool.submit(run)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self.waiting -= 1
+            raise
+        future.add_done_callback(self._cancelled)
+        return future
+
+    def _cancelled(self, future: Future) -> None:
+        if future.cancelled():  # dropped before it started, so run() never counted it out
+            with self._lock:
+                self.waiting -= 1
+
+    def retry_after(self) -> int:
+        """Seconds until a full queue has likely drained: each waiting request and the running one, at the last one's pace."""
+        return max(1, math.ceil(self.last_seconds * (self.queue_size + 1)))
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Service:
+    """What the HTTP handlers share: the model, the server's limits and the worker that runs the model."""
+
+    generator: Generator
+    limits: ServeConfig
+    worker: ModelWorker
+
+    @property
+    def budget(self) -> int:
+        return self.limits.pixel_step_budget(self.generator.size)
+
+    def health(self) -> dict:
+        g = self.generator
+        return {"status": "ok", "recipe": g.manifest.get("recipe"), "kind": g.kind, "backend": g.backend,
+                "height": g.size, "width": g.size, "schedulers": list(SAMPLES_WITH), "queue_depth": self.worker.waiting,
+                "queue_size": self.limits.queue_size, "max_batch": 1, "busy": self.worker.busy,
+                "max_pixel_steps": self.budget}
+
+    def images(self, request: GenerateRequest) -> list[bytes]:
+        """The PNGs of a prepared request (on the worker's thread); image i starts from row i of the seed's noise."""
+        assert request.seed is not None
+        noise = self.generator.noise(request.seed, request.num_images)
+        return [png_bytes(self.generator.generate(request.prompt or "", request.negative_prompt or "", request.steps,
+                                                  request.guidance_scale, request.seed, noise=noise[i:i + 1]))
+                for i in range(request.num_images)]
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's socket as a raw stream whose reads fail with TimeoutError once its deadline has passed:
+    a total time for a request's headers, and again for its body, where a timeout per read would let a client
+    that trickles a byte at a time hold its connection for ever."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__()
+        self.sock, self.seconds = sock, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def restart(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"not received within {self.seconds:g} s")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        except ConnectionResetError:
+            return 0
+
+
+def read_chunked(rfile: io.BufferedIOBase, limit: int) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body of at most ``limit`` bytes; chunk extensions and trailers dropped.
+    Raises Refusal (400 malformed, 413 over the limit) or ClientGone (the connection ended first)."""
+    body = bytearray()
+    while True:
+        line = rfile.readline(1024)
+        if not line.endswith(b"\r\n"):
+            if line.endswith(b"\n") or len(line) == 1024:
+                raise Refusal(400, "malformed chunked body: a chunk size line")
+            raise ClientGone()  # the connection ended mid-line
+        size = line[:-2].split(b";", 1)[0].strip(b" \t")
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size):
+            raise Refusal(400, "malformed chunked body: a chunk size is not hexadecimal")
+        n = int(size, 16)
+        if n == 0:
+            break
+        if len(body) + n > limit:
+            raise Refusal(413, f"request body over {limit} bytes")
+        data = rfile.read(n + 2)
+        if len(data) < n + 2:
+            raise ClientGone()
+        if data[n:] != b"\r\n":
+            raise Refusal(400, "malformed chunked body: a chunk is longer than its size")
+        body += data[:n]
+    for _ in range(100):  # trailers, up to the blank line
+        line = rfile.readline(8192)
+        if line == b"\r\n":
+            return bytes(body)
+        if not line.endswith(b"\r\n"):
+            raise ClientGone() if not line else Refusal(400, "malformed chunked body: a trailer")
+    raise Refusal(400, "malformed chunked body: too many trailers")
+
+
+def _printable(text: str) -> str:
+    """A line for the log with what a client sent shown, not interpreted (no terminal escapes, no line breaks)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """POST /generate and GET /health, one request per connection (HTTP/1.0 framing: the connection closes
+    after each answer, so a refused request's unread body never reaches a next one)."""
+
+    server_version = "deploykit-bundle/1"
+    service: Service  # set by make_handler
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's own reader: its reference would keep the socket open after close
+        self.reader = DeadlineReader(self.connection, self.service.limits.read_timeout_s)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.connection.settimeout(self.service.limits.read_timeout_s)  # a client that does not read its answer
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":
             self.wfile.write(body)
 
-        def _json(self, status: int, obj: dict) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
+    def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path == "/health":
-                self._json(200, {"status": "ok", "kind": generator.kind, "backend": generator.backend,
-                                 "size": generator.size, "recipe": generator.manifest.get("recipe")})
-            elif self.path == "/":
-                text = (f"<p>deploykit bundle {html.escape(str(generator.manifest.get('recipe')))}: POST /generate "
-                        "{\"prompt\": ...}, GET /health</p>")
-                self._send(200, text.encode(), "text/html; charset=utf-8")
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or header block: 400, 414, 431, 501, 505), as JSON."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # what http.server assumes of a request line it could not read
+            self.request_version = "HTTP/1.0"  # an answer with a status line, which a client can tell from a body
+        self._json(code, {"error": message or HTTPStatus(code).phrase})
+
+    def _dispatch(self) -> None:
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
+        try:
+            if path not in ROUTES:
+                raise Refusal(404, f"no such path: {path[:200]}")
+            if self.command != ROUTES[path]:
+                raise Refusal(405, f"{path} takes {ROUTES[path]}", headers={"Allow": ROUTES[path]})
+            if path == "/health":
+                self._json(200, self.service.health())
             else:
-                self._json(404, {"error": f"no such path: {self.path}"})
+                self._generate()
+        except Refusal as r:
+            self._json(r.status, r.body(), r.headers)
+        except ClientGone:
+            self.log_message("%s", "the client closed the connection before its answer")
 
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/generate":
-                self._json(404, {"error": f"no such path: {self.path}"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 65536:
-                self._json(413, {"error": "body too large"})
-                return
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
+
+    def _read_body(self) -> bytes:
+        """The request's body within read_timeout_s; 400 / 411 / 413 for framing it cannot be read by, 408 late."""
+        limit = self.service.limits.max_body_bytes
+        declared = self.headers.get_all("Content-Length")
+        # equal values listed ("12, 12", or the header twice) are one length (RFC 9110 8.6), as h11 reads them
+        lengths = {v.strip() for v in ",".join(declared).split(",")} if declared else set()
+        length = lengths.pop() if len(lengths) == 1 else ""
+        encodings = ",".join(self.headers.get_all("Transfer-Encoding") or [])
+        if encodings:  # read as chunked even beside a Content-Length (RFC 9112 6.3), as deploykit serve does
+            if [e.strip().lower() for e in encodings.split(",")] != ["chunked"]:
+                raise Refusal(400, "Transfer-Encoding: only chunked is supported")
+        elif not declared:
+            raise Refusal(411, "a body is required: send Content-Length (or Transfer-Encoding: chunked)")
+        elif not (length.isascii() and length.isdigit()):
+            raise Refusal(400, "Content-Length must be a non-negative integer")
+        elif int(length) > limit:
+            raise Refusal(413, f"request body over {limit} bytes")
+        self.reader.restart()
+        try:
+            if encodings:
+                return read_chunked(self.rfile, limit)
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            raise Refusal(408, f"the request body did not arrive within {self.service.limits.read_timeout_s:g} s") from None
+        if len(body) < int(length):
+            raise ClientGone()
+        return body
+
+    def _still_connected(self) -> bool:
+        """Whether the client still waits: its socket is not readable, or has bytes rather than end-of-stream."""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return True
+            return bool(self.connection.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def _generate(self) -> None:
+        service, limits = self.service, self.service.limits
+        request = check_body(parse_json(self._read_body()), limits)
+        request = prepare(request, service.generator.kind, service.generator.size)
+        check_budget(request, service.generator.size, service.budget)
+        deadline = time.monotonic() + limits.timeout_s
+        try:
+            future = service.worker.submit(lambda: service.images(request), deadline, self._still_connected)
+        except QueueFull:
+            raise Refusal(503, f"queue full ({limits.queue_size} requests waiting); retry later",
+                          headers={"Retry-After": str(service.worker.retry_after())}) from None
+        except RuntimeError:
+            raise Refusal(503, "the server is stopping") from None
+        try:
+            images = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            dropped = future.cancel()  # False once its generation has started: that runs to its end
+            raise Refusal(504, f"timed out after {limits.timeout_s:g} s (queueing included); " + (
+                "the request was dropped from the queue" if dropped else "its generation had already started")) from None
+        except Expired:
+            raise Refusal(504, f"timed out after {limits.timeout_s:g} s (queueing included); the request was dropped "
+                               "from the queue") from None
+        except CancelledError:
+            raise Refusal(503, "the server is stopping") from None
+        except (ClientGone, Refusal):
+            raise
+        except Exception as e:  # noqa: BLE001 - the model failed on this request; the server goes on
+            raise Refusal(500, f"generation failed: {type(e).__name__}: {e}") from None
+        headers = {"X-Seed": str(request.seed), "X-Backend": service.generator.backend}
+        if request.format == "png":
+            self._send(200, images[0], "image/png", headers)
+            return
+        self._json(200, {"images": [base64.b64encode(im).decode("ascii") for im in images], "format": "png",
+                         "seed": request.seed, "width": request.width, "height": request.height, "steps": request.steps,
+                         "scheduler": request.scheduler, "backend": service.generator.backend}, headers)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        log(_printable(f"{self.address_string()} {format % args}"))
+
+
+def make_handler(service: Service) -> type[Handler]:
+    return type("BundleHandler", (Handler,), {"service": service})
+
+
+BUSY = json.dumps({"error": "too many connections; retry later"}).encode()
+
+
+class BoundedHTTPServer(HTTPServer):
+    """http.server with a fixed pool of ``workers`` handler threads instead of a thread per connection: that
+    many connections are served at once and as many again wait for a thread; one more is answered 503 at once.
+    Each connection's time is bounded (DeadlineReader, LINGER_S), so a crowd of slow clients delays the others
+    for a while, and never holds the server."""
+
+    request_queue_size = 64  # the listen backlog: connections the kernel holds until they are accepted
+
+    def __init__(self, address: tuple[str, int], handler: type[Handler], workers: int) -> None:
+        super().__init__(address, handler)
+        self.connections: queue.Queue = queue.Queue(workers)
+        for i in range(workers):
+            threading.Thread(target=self._serve_connections, name=f"run.py-http-{i}", daemon=True).start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self.connections.put_nowait((request, client_address))
+        except queue.Full:
+            try:  # from the accepting thread, which must not wait on this client
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY), BUSY))
+            except OSError:
+                pass
+            self.close_request(request)
+
+    def _serve_connections(self) -> None:
+        while True:
+            request, client_address = self.connections.get()
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                self._json(400, {"error": "the body must be a JSON object"})
-                return
-            try:
-                req = parse_request(body, generator, max_steps)
-            except RequestError as e:
-                self._json(422, {"error": str(e)})
-                return
-            try:
-                started = time.perf_counter()
-                with lock:
-                    image = generator.generate(req["prompt"] or "", req["negative_prompt"], req["steps"],
-                                               float(req["guidance_scale"]), req["seed"])
-                seconds = time.perf_counter() - started
-            except Exception as e:  # noqa: BLE001 - the server goes on
-                self._json(500, {"error": f"{type(e).__name__}: {e}"})
-                return
-            self._send(200, png_bytes(image), "image/png", {"X-Seed": str(req["seed"]), "X-Seconds": f"{seconds:.3f}"})
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one connection's failure is logged; the thread goes on
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-            log(f"{self.address_string()} {format % args}")
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # the client went away mid-answer: nothing wrong here
+            log(f"{client_address[0]}: connection lost ({type(error).__name__})")
+        else:
+            super().handle_error(request, client_address)  # a traceback: a bug worth reporting
 
-    return Handler
+    def shutdown_request(self, request: Any) -> None:
+        # Close without a reset: a socket closed with unread bytes (a refused request's body) sends a TCP
+        # reset, which can destroy the answer before the client reads it. So stop sending, then read and drop
+        # what the client still sends, for LINGER_S at most, before closing.
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            drained = 0
+            while drained < 1 << 20 and (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
 
 
-def serve(root: Path, manifest: dict, backend: str, host: str, port: int, max_steps: int, warmup: bool) -> None:
+def serve(root: Path, manifest: dict, backend: str, host: str, port: int, limits: ServeConfig, connections: int) -> None:
     problems = verify(root, manifest) + [f"missing {x}" for x in missing_libraries()]
     if problems:
         raise BundleError("cannot serve: " + "; ".join(problems[:5]))
     generator = Generator(root, manifest, backend)
-    if warmup:
+    if limits.warmup:
         generator.generate("warm-up", "", 1, 7.5, 0)
-    server = ThreadingHTTPServer((host, port), make_handler(generator, max_steps))
+    service = Service(generator, limits, ModelWorker(limits.queue_size))
+    server = BoundedHTTPServer((host, port), make_handler(service), connections)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"serving on {host}: reachable from other machines; there is no authentication")
     log(f"serving {manifest.get('recipe')} ({generator.kind}, {backend}) on http://{host}:{server.server_address[1]} "
@@ -816,6 +1384,7 @@ def serve(root: Path, manifest: dict, backend: str, host: str, port: int, max_st
         pass
     finally:
         server.server_close()
+        service.worker.stop()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -836,7 +1405,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="tensorrt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-steps", type=int, default=100)
+    # deploykit serve's options, with its names and defaults (the same contract: docs/serving.md)
+    d = ServeConfig()
+    p.add_argument("--queue-size", type=int, default=d.queue_size, help=f"waiting requests before 503 (default {d.queue_size})")
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s,
+                   help=f"per request, queueing included; past it 504 (default {d.timeout_s:g})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--max-images", type=int, default=d.max_images, help=f"images per request (default {d.max_images})")
+    p.add_argument("--max-pixel-steps", type=int, help="compute budget per request: height x width x steps x images "
+                                                        "(default: the bundle's size x --max-steps x --max-images)")
+    p.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
+                   help=f"a client's time to send a request's headers, and again its body (default {d.read_timeout_s:g})")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars)
+    p.add_argument("--max-connections", type=int, default=32,
+                   help="connections served at once (a thread each); as many more wait, beyond that 503 (default 32)")
     p.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args(argv)
     root = Path(args.bundle).resolve()
@@ -862,7 +1445,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 atomic_write_text(Path(args.out), text)
             return 0
-        serve(root, manifest, args.backend, args.host, args.port, args.max_steps, not args.no_warmup)
+        try:
+            limits = ServeConfig(max_batch=1, queue_size=args.queue_size, timeout_s=args.timeout_s, max_steps=args.max_steps,
+                                 max_images=args.max_images, max_pixel_steps=args.max_pixel_steps,
+                                 read_timeout_s=args.read_timeout_s, max_body_bytes=args.max_body_bytes,
+                                 max_prompt_chars=args.max_prompt_chars, warmup=not args.no_warmup)
+        except ValueError as e:
+            raise BundleError(f"serve: {e}") from None
+        if args.max_connections < 1:
+            raise BundleError("serve: --max-connections must be at least 1")
+        serve(root, manifest, args.backend, args.host, args.port, limits, args.max_connections)
         return 0
     except BundleError as e:
         log(f"error: {e}")
