@@ -153,8 +153,8 @@ def listed_paths(manifest: dict) -> list[tuple[str, object]]:
 # Copied from deploykit.device.bundle.path_problems
 def path_problems(root: Path, manifest: dict) -> list[str]:
     """The entries of ``manifest`` naming a path that is not inside the bundle folder ``root`` (``..``,
-    absolute, through a symlink out of it): a bundle may come from someone else, and its readers, here and
-    on the device, open nothing bundle.json names before this says nothing."""
+    absolute, through a symlink out of it). A bundle may come from someone else: its readers, here and on
+    the device, open nothing bundle.json names until this finds no problem."""
     problems = []
     for entry, rel in listed_paths(manifest):
         try:

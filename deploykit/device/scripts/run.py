@@ -207,8 +207,8 @@ def listed_paths(manifest: dict) -> list[tuple[str, object]]:
 # Copied from deploykit.device.bundle.path_problems
 def path_problems(root: Path, manifest: dict) -> list[str]:
     """The entries of ``manifest`` naming a path that is not inside the bundle folder ``root`` (``..``,
-    absolute, through a symlink out of it): a bundle may come from someone else, and its readers, here and
-    on the device, open nothing bundle.json names before this says nothing."""
+    absolute, through a symlink out of it). A bundle may come from someone else: its readers, here and on
+    the device, open nothing bundle.json names until this finds no problem."""
     problems = []
     for entry, rel in listed_paths(manifest):
         try:
@@ -1269,15 +1269,15 @@ class Handler(BaseHTTPRequestHandler):
                           headers={"Retry-After": str(service.worker.retry_after())}) from None
         except RuntimeError:
             raise Refusal(503, "the server is stopping") from None
+        late = f"timed out after {limits.timeout_s:g} s (queueing included); "
         try:
             images = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             dropped = future.cancel()  # False once its generation has started: that runs to its end
-            raise Refusal(504, f"timed out after {limits.timeout_s:g} s (queueing included); " + (
-                "the request was dropped from the queue" if dropped else "its generation had already started")) from None
-        except Expired:
-            raise Refusal(504, f"timed out after {limits.timeout_s:g} s (queueing included); the request was dropped "
-                               "from the queue") from None
+            raise Refusal(504, late + ("the request was dropped from the queue" if dropped
+                                       else "its generation had already started")) from None
+        except Expired:  # the worker found it past its deadline before this thread did
+            raise Refusal(504, late + "the request was dropped from the queue") from None
         except CancelledError:
             raise Refusal(503, "the server is stopping") from None
         except (ClientGone, Refusal):
