@@ -15,11 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from deploykit.stages.footprint import Demand, Footprint
 
 # The models a build compares, each the role holding it. ``pruned`` is the student before distill: it
 # exists exactly when a stage replaced the student and kept the one it replaced (distill's ``supersedes``).
@@ -216,7 +219,7 @@ class StageSpec:
     required: Callable[[Any], str | None] | None = None
     preflight: Callable[[Any, Preflight], None] | None = None
     key_inputs: Callable[[Any, Preflight], dict[str, str]] | None = None
-    memory: Callable[[Any, Any], list] | None = None
+    memory: Callable[[Any, Footprint], list[Demand]] | None = None
     report: Callable[[ReportContext], dict] | None = None
     conclude: Callable[[Any, dict], dict] | None = None
     gate: Callable[[Any, dict], str | None] | None = None
