@@ -157,6 +157,8 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 def _check_expanded_size(data: Any, path: Path) -> None:
+    """Refuse a structure that aliases blow up, or that nests deeper than any recipe does (counted without recursion:
+    a self-referencing alias is a structure that nests forever)."""
     left, stack = MAX_EXPANDED, [(data, 1)]
     while stack:
         value, depth = stack.pop()
@@ -176,9 +178,8 @@ def parse_recipe(text: str, path: Path) -> dict:
     """The recipe's YAML as a mapping; InputError for anything else."""
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
-    except ValueError as e:  # a scalar YAML resolves but Python cannot build: a 5000-digit int, 2024-13-45
+    # ValueError: a scalar YAML resolves that Python cannot build (a 5000-digit integer, the date 2024-13-45)
+    except (yaml.YAMLError, ValueError) as e:
         raise InputError(f"{path}: not valid YAML: {e}") from None
     except RecursionError:
         raise InputError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None

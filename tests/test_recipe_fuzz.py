@@ -2,7 +2,8 @@
 
 Mutations: values of other types and out of range (huge integers, NaN, infinity, negative numbers), unknown,
 missing and renamed keys, keys that are not strings, shared sub-structures (YAML anchors and aliases), alias
-bombs, deep nesting, duplicate keys, other encodings, byte-order marks, stray non-UTF-8 bytes. Every input
+bombs (nested lists, and lists of one long string aliased many times), deep nesting, duplicate keys, other
+encodings, byte-order marks, stray non-UTF-8 bytes. Every input
 ends in exit 0 (a mutation that is still a valid recipe) or exit 2 with one message, never a traceback or an
 internal error, and nothing is written: the recipe's folder keeps its files and --out stays absent (the
 build goes as far as a build goes before it writes: recipe, files, teacher, memory, output folder).
@@ -14,14 +15,17 @@ CI runs a small fixed set; a large run is ``DEPLOYKIT_FUZZ_EXAMPLES=5000 pytest 
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deploykit.cli import main
+from deploykit.recipe import load_recipe
 
 EXAMPLES = int(os.environ.get("DEPLOYKIT_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=EXAMPLES or 60, deadline=None, derandomize=not EXAMPLES, database=None,
@@ -71,11 +75,15 @@ hostile_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), inner,
                                                                  max_size=4),
     max_leaves=8)
-keys = st.sampled_from(FIELDS) | st.text(max_size=10) | st.integers(-3, 3) | st.booleans() | st.none()
+# numbers at and past the edges of every range: for the numeric settings themselves
+edge_numbers = st.sampled_from([0, -1, 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64, 10**30, float("inf"), float("-inf"),
+                                float("nan"), 1e308, 5e-324, 1.5, 4096, 4097, 100_000_000]) | st.floats() | st.integers()
+keys = (st.sampled_from(FIELDS) | st.text(max_size=10) | st.sampled_from(["[/x]", "[bold]k", "<<", "\x00"])
+        | st.integers(-3, 3) | st.booleans() | st.none())
 
 
 def _paths(node, prefix=()):
-    """Every (container, key) of a recipe's structure."""
+    """Every key path (keys and list indices from the top) of a recipe's structure."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
         yield prefix + (key,)
@@ -93,10 +101,13 @@ def mutated_structure(draw):
     data = copy.deepcopy(draw(st.sampled_from(BASES)))
     for _ in range(draw(st.integers(0, 3))):
         paths = list(_paths(data))
-        path = draw(st.sampled_from(paths))
+        op = draw(st.sampled_from(["number", "number", "replace", "replace", "delete", "add", "wrap", "share", "swap"]))
+        numbers = [p for p in paths if type(_at(data, p)[p[-1]]) in (int, float)]
+        path = draw(st.sampled_from(numbers if op == "number" and numbers else paths))
         parent, key = _at(data, path), path[-1]
-        op = draw(st.sampled_from(["replace", "replace", "delete", "add", "wrap", "share", "swap"]))
-        if op == "replace":
+        if op == "number":
+            parent[key] = draw(edge_numbers)
+        elif op == "replace":
             parent[key] = draw(hostile_values)
         elif op == "delete":
             del parent[key]
@@ -125,9 +136,17 @@ BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range
 @st.composite
 def recipe_bytes(draw):
     """A mutated recipe as the bytes of a file."""
-    text = _dump(draw(mutated_structure()), draw(st.booleans()), draw(st.booleans()))
+    data = draw(mutated_structure())
+    lists = [p for p in _paths(data) if isinstance(_at(data, p)[p[-1]], list)
+             and all(isinstance(v, str) for v in _at(data, p)[p[-1]])]
+    edit = draw(st.sampled_from(["none", "none", "duplicate", "drop", "bomb", "strings", "deep", "digits", "insert"]))
+    if edit == "strings" and lists:  # a list of strings that are one long string, aliased: small to write, huge to hold
+        path = draw(st.sampled_from(lists))
+        _at(data, path)[path[-1]] = "__STRINGS__"
+    text = _dump(data, draw(st.booleans()), draw(st.booleans()))
+    size, count = draw(st.sampled_from([(10, 3), (1000, 5000), (300_000, 100_000)]))
+    text = text.replace("__STRINGS__", f"[&s {'x' * size}{', *s' * count}]")
     lines = text.splitlines(keepends=True)
-    edit = draw(st.sampled_from(["none", "none", "duplicate", "drop", "bomb", "deep", "digits", "insert"]))
     if edit == "duplicate" and lines:  # a key given twice, where the line is a key
         i = draw(st.integers(0, len(lines) - 1))
         lines.insert(i, lines[i])
@@ -177,6 +196,12 @@ def _check_outcome(rc: int, err: str) -> None:
         assert err.startswith("error: ") and err.count("error: ") == 1, err  # one message (it may span lines)
 
 
+def _check_valid(recipe) -> None:
+    """What a recipe that loads can be trusted with: the manifest stores it as JSON, the stages seed generators."""
+    json.dumps(load_recipe(recipe).model_dump(), allow_nan=False)
+    torch.Generator().manual_seed(load_recipe(recipe).seed * 1_000_003 + 10_000_000)
+
+
 @FUZZ
 @given(raw=recipe_bytes())
 def test_a_mutated_recipe_is_valid_or_one_clear_error_and_nothing_is_written(tmp_path, capsys, tried, raw):
@@ -190,6 +215,8 @@ def test_a_mutated_recipe_is_valid_or_one_clear_error_and_nothing_is_written(tmp
 
     rc, err = _run(capsys, "recipe", "check", str(recipe))
     _check_outcome(rc, err)
+    if rc == 0:
+        _check_valid(recipe)
     build_rc, build_err = _run(capsys, "build", str(recipe), "--out", str(out), "--dry-run")
     _check_outcome(build_rc, build_err)
     # the build refuses whatever the check refuses, and checks more (the teacher, the memory)

@@ -35,7 +35,7 @@ from deploykit.sparsity import MASKS_FILE, load_masks, save_masks
 from deploykit.stages.base import MODEL_PACKAGES, Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.bounds import BatchSize, LossWeight, Samples, SamplingSteps, StepCount, TrainingSteps
 from deploykit.stages.data import is_pipeline, load_teacher_pipeline, noise_scheduler, read_prompts, teacher_meta, training_images
-from deploykit.stages.footprint import BACKWARD, Demand, Footprint
+from deploykit.stages.footprint import Demand, Footprint
 
 SAMPLES_FILE = "teacher_samples.safetensors"
 # Stable Diffusion is trained with 10% of its captions dropped so that classifier-free guidance has an
@@ -111,8 +111,8 @@ def memory(cfg: DistillStage, fp: Footprint) -> list[Demand]:
                    0 if fp.dataset else cfg.teacher_samples * (fp.sample_bytes + fp.cond_bytes),
                    "the teacher's generated training samples"),
             Demand("distill.batch_size / distill.gradient_accumulation x resolution",
-                   fp.unet_call(micro) * (BACKWARD + 1), "the student's forward and backward and the teacher's forward "
-                                                          "on one micro-batch")]
+                   fp.training_step(micro) + fp.unet_call(micro),
+                   "the student's activations kept for its backward pass and the teacher's forward, on one micro-batch")]
 
 
 def preflight(cfg: DistillStage, pf: Preflight) -> None:

@@ -14,7 +14,7 @@ from deploykit.prune import DEFAULT_IGNORED, GradientData, PruneConfig, availabl
 from deploykit.stages.base import COMPARED_MODELS, MODEL_PACKAGES, Markdown, Preflight, ReportContext, StageConfig, StageContext, StageSpec
 from deploykit.stages.bounds import Batches, BatchSize
 from deploykit.stages.data import example_inputs, noise_scheduler, teacher_meta, training_images
-from deploykit.stages.footprint import BACKWARD, Demand, Footprint
+from deploykit.stages.footprint import Demand, Footprint
 
 # Channel counts the target's kernels like: AVX-512 / oneDNN blocks of 8 floats on CPU; on GPUs, fp16
 # tensor-core tiles want multiples of 64 for the widths to map onto whole tiles.
@@ -64,8 +64,8 @@ def memory(cfg: PruneStage, fp: Footprint) -> list[Demand]:
     return [Demand("prune.batch_size x prune.gradient_batches x resolution",
                    0 if fp.dataset else cfg.batch_size * cfg.gradient_batches * fp.sample_bytes, "the criterion's noise inputs"),
             Demand("prune.batch_size x resolution",
-                   fp.unet_call(cfg.batch_size) * (BACKWARD if criterion.needs_gradients else 1),
-                   "a UNet call on one batch" + (" and its backward pass" if criterion.needs_gradients else ""))]
+                   fp.training_step(cfg.batch_size) if criterion.needs_gradients else fp.unet_call(cfg.batch_size),
+                   "a UNet call on one batch" + (" kept for its backward pass" if criterion.needs_gradients else ""))]
 
 
 def run(ctx: StageContext) -> dict:
