@@ -65,8 +65,8 @@ class BenchStage(StageConfig):
 
     stage: Literal["bench"] = "bench"
     backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
-    batch_size: BatchSize | None = Field(None,
-                                   description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch_size: BatchSize | None = Field(
+        None, description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="fp16 needs a CUDA backend")
     compile: bool = Field(False, description="torch backends: time torch.compile'd models (CUDA)")
     semi_structured: bool = Field(True, description="torch-cuda: run a 2:4 student's masked layers on cuSPARSELt "

@@ -65,8 +65,8 @@ class BundleStage(StageConfig):
                             "8 GB devices; needs export.fp16)")
     pipeline: bool = Field(True, description="SD: also ship the student's text encoder, VAE decoder, tokenizer and "
                                              "scheduler, so that `run.py serve` makes images (false: UNets only)")
-    batch_size: BatchSize | None = Field(None,
-                                   description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch_size: BatchSize | None = Field(
+        None, description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
     batch: ProfileBatch | None = Field(None, description="min, opt, max batch of the engines' optimization profile")
     resolution: ProfileSide | None = Field(
         None, description="min, opt, max image side in pixels of the profile (default: the recipe's resolution, fixed)")

@@ -55,7 +55,7 @@ class DistillStage(StageConfig):
     stage: Literal["distill"] = "distill"
     steps: TrainingSteps = 300
     batch_size: BatchSize = Field(64, description="samples per optimizer step, over all processes and "
-                                                           "accumulation steps")
+                                                  "accumulation steps")
     lr: float = Field(5e-4, gt=0, lt=1)
     warmup_steps: StepCount = 20
     denoise_weight: LossWeight = Field(1.0, description="||eps_student - eps||^2 (Diff-Pruning's recovery)")
@@ -63,10 +63,10 @@ class DistillStage(StageConfig):
     feature_kd_weight: LossWeight = Field(0.0, description="block outputs, ||f_s - f_t||^2 / ||f_t||^2 (LAPTOP-Diff)")
     attention_kd_weight: LossWeight = Field(0.0, description="attention outputs, normalised like feature KD")
     distribution_kd_weight: LossWeight = Field(0.0, description="tau^2 KL(softmax(eps_t / tau) || softmax(eps_s / tau)) "
-                                                                  "over spatial positions")
+                                                                "over spatial positions")
     distribution_temperature: float = Field(1.0, gt=0, le=100, description="tau of the distribution term")
     adversarial_weight: LossWeight = Field(0.0, description="hinge GAN term of a small discriminator on the noise "
-                                                             "prediction")
+                                                            "prediction")
     adversarial_warmup: StepCount = Field(100, description="steps before the discriminator and its term start")
     discriminator_lr: float = Field(2e-4, gt=0, lt=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs (needs target cuda)")
@@ -79,9 +79,8 @@ class DistillStage(StageConfig):
     sr_ste_decay: float = Field(2e-4, ge=0, lt=1, description="sr-ste: lambda of the decay on masked-out weights")
     prompts: str | None = Field(None, min_length=1, description="Stable Diffusion teachers: a text file of prompts, one "
                                                                 "per line (relative to the recipe)")
-    teacher_samples: Samples = Field(512,
-                                 description="teachers without a data set (SD, local folders): samples the teacher "
-                                             "generates as training data (SD: cycled over the prompts)")
+    teacher_samples: Samples = Field(512, description="teachers without a data set (SD, local folders): samples the "
+                                                      "teacher generates as training data (SD: cycled over the prompts)")
     teacher_sample_steps: SamplingSteps = Field(25, description="DDIM steps per generated sample")
     guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="SD: classifier-free guidance of the generated samples")
 

@@ -88,7 +88,7 @@ class QuantizeStage(StageConfig):
                                      description="teacher trajectories to record: noise samples (pixel UNets) or "
                                                  "prompts (SD, cycled over calibration_prompts)")
     calibration_steps: SamplingSteps = Field(10, description="sampling steps per trajectory; every UNet call is "
-                                                                  "one calibration batch")
+                                                             "one calibration batch")
     calibration_prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1,
                                            description="SD teachers: calibration prompts (kept apart from eval's)")
     scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
