@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit import __version__
@@ -19,15 +20,21 @@ console = Console(stderr=True, soft_wrap=True)
 
 def _cmd_build(args) -> int:
     from deploykit.recipe import load_recipe
-    from deploykit.runner import build
+    from deploykit.runner import build, dry_run
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.allow_path)
     out = Path(args.out) if args.out else Path("artifacts") / recipe.name
+    if args.dry_run:
+        stages = dry_run(recipe, Path(args.recipe), out, random_weights=args.random_weights)
+        console.print(f"[green]{escape(args.recipe)}: ready to build into {escape(str(out))}[/] (nothing written): "
+                      + " -> ".join(f"{name} ({memory})" if memory else name for name, memory in stages.items()),
+                      highlight=False)
+        return 0
     report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights)
     if report is None:  # a non-main process of `accelerate launch`: the main process reports
         return 0
     speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
-    console.print(f"[green]built {out}[/]" + (f": speedup {speedups}" if speedups else ""))
+    console.print(f"[green]built {escape(str(out))}[/]" + (f": speedup {speedups}" if speedups else ""))
     if "macs_ratio" in report:
         console.print(f"MACs ratio {report['macs_ratio']:.3f}; report: {out / 'report.md'}")
     return 0
@@ -74,8 +81,8 @@ def _cmd_recipe_schema(args) -> int:
 def _cmd_recipe_check(args) -> int:
     from deploykit.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
-    console.print(f"[green]{args.recipe}: valid[/] ({len(recipe.stages)} stages: "
+    recipe = load_recipe(args.recipe, args.allow_path)
+    console.print(f"[green]{escape(args.recipe)}: valid[/] ({len(recipe.stages)} stages: "
                   f"{' -> '.join(s.stage for s in recipe.stages)})")
     return 0
 
@@ -159,6 +166,12 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _allow_path_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder outside the recipe's own that files the recipe names (distill.prompts) may be in; "
+                        "repeatable (default: the recipe's folder only)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deploykit", description="Prune, distill, export and benchmark diffusion models.")
     parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
@@ -170,6 +183,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="build the teacher's topology with random weights instead of loading it (measures speed, "
                         "never quality; the report says so)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything a build checks before it writes (the recipe, its files, the teacher, the "
+                        "memory its settings need, the output folder), print the stages it would run, write nothing")
+    _allow_path_option(p)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("inspect", help="show an artifact and verify every hash")
@@ -221,8 +238,9 @@ def make_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
     p = recipe.add_parser("schema", help="print the recipe JSON schema")
     p.set_defaults(func=_cmd_recipe_schema)
-    p = recipe.add_parser("check", help="validate a recipe")
+    p = recipe.add_parser("check", help="validate a recipe and the files it names")
     p.add_argument("recipe")
+    _allow_path_option(p)
     p.set_defaults(func=_cmd_recipe_check)
 
     zoo = sub.add_parser("zoo", help="the project's own teachers").add_subparsers(dest="zoo_command", required=True)
@@ -247,12 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except QualityGateError as e:
         if debug:
             raise
-        console.print(f"[red]quality gate failed:[/] {e}", highlight=False)
+        console.print(f"[red]quality gate failed:[/] {escape(str(e))}", highlight=False)
         return 3
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; run the same command again to resume[/]")
@@ -260,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeployKitError as e:
         if debug:
             raise
-        console.print(f"[red]failed:[/] {e}", highlight=False)
+        console.print(f"[red]failed:[/] {escape(str(e))}", highlight=False)
         return 1
     except Exception as e:  # noqa: BLE001 - the CLI is the one place that turns failures into exit codes
         if debug:
             raise
-        console.print(f"[red]internal error:[/] {type(e).__name__}: {e}\n(set DEPLOYKIT_DEBUG=1 for the traceback)",
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n(set DEPLOYKIT_DEBUG=1 for the traceback)",
                       highlight=False)
         return 1
 

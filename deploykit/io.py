@@ -6,10 +6,12 @@ never a file that looks finished and is not.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from deploykit.errors import InputError
 
 
 def _umask() -> int:
@@ -126,3 +130,29 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
+
+
+def read_text_file(path: str | os.PathLike, max_bytes: int, what: str = "file") -> str:
+    """A text file the user names (a recipe, a prompt file), whole: a regular file of at most ``max_bytes``,
+    in UTF-8 (a leading byte-order mark is dropped). Anything else is an InputError naming ``what`` and the path."""
+    try:
+        # O_NONBLOCK: a FIFO opens without waiting for a writer, and is refused below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise InputError(f"{what} {path} is larger than {max_bytes / 2**20:g} MiB, the most deploykit reads")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise InputError(f"{what} {path} is UTF-16 (or UTF-32) text: save it as UTF-8")
+    try:
+        return raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}): "
+                         "save it as UTF-8") from None

@@ -9,6 +9,9 @@ before anything is written.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -16,8 +19,11 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from deploykit.errors import InputError
+from deploykit.io import read_text_file
+from deploykit.paths import OutsideFolder, inside
 from deploykit.stages import STAGES, StageSpec
-from deploykit.stages.base import StageConfig, StrictModel
+from deploykit.stages.base import MAX_INPUT_FILE_BYTES, StageConfig, StrictModel
+from deploykit.stages.bounds import Seed, Side
 from deploykit.targets import Target
 
 Topology = Literal["sd15", "sdxl", "tiny-sd", "tiny-sdxl"]
@@ -57,9 +63,9 @@ class Recipe(StrictModel):
     teacher: str = Field(description="zoo:NAME, hf:ORG/NAME[@REVISION], random:TOPOLOGY, or a local diffusers "
                                      "folder (relative to the recipe file)")
     topology: Topology | None = Field(None, description="the teacher's architecture, for --random-weights")
-    resolution: int | None = Field(None, ge=8, le=4096, description="SD: image side in pixels (default: the model's)")
+    resolution: Side | None = Field(None, description="SD: image side in pixels (default: the model's)")
     target: Target = "cpu"
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     # (validated against the registered stages' settings: see recipe_model)
     stages: list[StageConfig] = Field(min_length=1)
 
@@ -121,44 +127,151 @@ def recipe_model() -> type[Recipe]:
     return _MODELS[key]
 
 
+MAX_RECIPE_BYTES = 1 << 20
+# A recipe written out is at most MAX_RECIPE_BYTES; YAML aliases can repeat an anchor without limit (a
+# "billion laughs": ten aliases of ten aliases of ... of a long string). Values plus characters, counted with
+# every alias expanded, stay under this, and containers nest at most MAX_DEPTH deep (a recipe needs 5).
+MAX_EXPANDED = 4 * MAX_RECIPE_BYTES
+MAX_DEPTH = 32
+MAX_ERRORS = 20  # validation errors listed; the rest are counted
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML keeps the last one silently,
+    so a recipe would not do what one of its lines says)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, whose keys the mapping may override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable):
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                                f"found duplicate key {key!r}", key_node.start_mark)
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """Refuse a structure that aliases blow up, or that nests deeper than any recipe does (counted without recursion:
+    a self-referencing alias is a structure that nests forever)."""
+    left, stack = MAX_EXPANDED, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        left -= 1 + (len(value) if isinstance(value, (str, bytes)) else 0)
+        if left < 0:
+            raise InputError(f"{path}: expands to more than {MAX_EXPANDED} values and characters with its YAML aliases "
+                             "expanded; write the recipe out")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def parse_recipe(text: str, path: Path) -> dict:
+    """The recipe's YAML as a mapping; InputError for anything else."""
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
+    # ValueError: a scalar YAML resolves that Python cannot build (a 5000-digit integer, the date 2024-13-45)
+    except (yaml.YAMLError, ValueError) as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    _check_expanded_size(data, path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a mapping of keys (name, teacher, stages, ...)")
+    return data
+
+
+def _key_part(item: Any) -> str:
+    """A key of the recipe as the messages show it: plain keys as written, anything else quoted and cut short."""
+    if isinstance(item, str) and _PLAIN_KEY.match(item):
+        return item
+    text = repr(item)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _format_errors(err: ValidationError, path: Path) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS]:
         loc = list(e["loc"])
         # "stages.0.prune.criterion" reads better as "stages[0] (prune).criterion"
         parts: list[str] = []
         i = 0
         while i < len(loc):
             item = loc[i]
-            if isinstance(item, int):
+            if isinstance(item, int) and not isinstance(item, bool) and parts:
                 parts[-1] = f"{parts[-1]}[{item}]"
                 if i + 1 < len(loc) and loc[i + 1] in STAGES:
                     i += 1
             else:
-                parts.append(str(item))
+                parts.append(_key_part(item))
             i += 1
         key = ".".join(parts) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{path}: {key}: {msg}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"{path}: ... and {len(errors) - MAX_ERRORS} more")
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def input_file(recipe_dir: Path, value: str, allowed: Sequence[Path] = ()) -> Path:
+    """The file a recipe field names (relative to the recipe): inside the recipe's folder, symlinks followed, or
+    inside one of the ``allowed`` folders (``--allow-path``). Raises OutsideFolder otherwise."""
+    try:
+        return inside(recipe_dir, value)
+    except OutsideFolder:
+        if not allowed or "\x00" in value:
+            raise
+        path = recipe_dir / value
+        real = Path(os.path.realpath(path))
+        if any(real.is_relative_to(os.path.realpath(folder)) for folder in allowed):
+            return path
+        raise
+
+
+def check_input_files(recipe: Recipe, path: Path, allowed: Sequence[Path] = ()) -> None:
+    """Every file the recipe's stages read (their ``file_fields``): inside, a regular UTF-8 file, not empty, at most
+    MAX_INPUT_FILE_BYTES."""
+    for index, config in enumerate(recipe.stages):
+        for name in STAGES[config.stage].file_fields:
+            value = getattr(config, name)
+            if value is None:
+                continue
+            where = f"{path}: stages[{index}].{name}"
+            try:
+                file = input_file(path.parent, value, allowed)
+            except OutsideFolder as e:
+                raise InputError(f"{where}: {e}; a recipe reads files in its own folder (or in one given with "
+                                 "--allow-path DIR)") from None
+            try:
+                text = read_text_file(file, MAX_INPUT_FILE_BYTES, "file")
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+            if not text.strip():
+                raise InputError(f"{where}: {value} has no text (blank lines at most)")
+
+
+def load_recipe(path: str | Path, allowed: Sequence[str | Path] = ()) -> Recipe:
+    """The recipe at ``path``, validated, with the files it names checked; ``allowed``: folders outside the recipe's
+    own that those files may lie in (``--allow-path``)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe not found: {path}")
+    data = parse_recipe(read_text_file(path, MAX_RECIPE_BYTES, "recipe"), path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a recipe is a mapping of keys (name, teacher, stages, ...)")
-    try:
-        return recipe_model().model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         raise InputError(_format_errors(e, path)) from None
+    check_input_files(recipe, path, [Path(a) for a in allowed])
+    return recipe
 
 
 def json_schema() -> dict:

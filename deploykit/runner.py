@@ -19,18 +19,22 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
 
 from deploykit.artifact import FILES_JSON, Artifact, digest, seal_stage, verify_stage
+from deploykit.bench.machine import cpu_name
 from deploykit.distributed import launched, process_state
 from deploykit.errors import DeployKitError, InputError
 from deploykit.io import sha256_file
 from deploykit.models.teacher import random_weights_spec
 from deploykit.recipe import Recipe
+from deploykit.runtime.backends import cpu_threads
 from deploykit.stages import StageContext, StageSpec
 from deploykit.stages.base import Preflight
+from deploykit.stages.footprint import check_memory, gib
 
 
 @dataclass
@@ -44,10 +48,43 @@ class StageRecord:
     summary: dict = field(default_factory=dict)
 
 
-def stage_key(name: str, version: str, config: dict, seed: int, inputs: dict[str, str]) -> str:
-    blob = json.dumps({"stage": name, "version": version, "config": config, "seed": seed, "inputs": inputs},
-                      sort_keys=True, default=str)
+def stage_key(name: str, version: str, config: dict, seed: int, inputs: dict[str, str], environment: dict | None = None) -> str:
+    blob = json.dumps({"stage": name, "version": version, "config": config, "seed": seed, "inputs": inputs,
+                       "environment": environment or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# the distributions that install a package a stage names in ``depends_on`` under another name
+_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+                  "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu11")}
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of ``name`` (a distribution name); None where it is not installed."""
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def machine() -> dict:
+    """What a timing depends on besides the software: the CPU, the threads a stage runs on, the GPU."""
+    import torch
+
+    return {"cpu": cpu_name(), "threads": cpu_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def environment(spec: StageSpec) -> dict:
+    """The part of a stage's key that comes from this installation and machine (its spec's ``depends_on``, ``machine``)."""
+    env: dict = {}
+    if spec.depends_on:
+        env["packages"] = {name: package_version(name) for name in spec.depends_on}
+    if spec.machine:
+        env["machine"] = machine()
+    return env
 
 
 class Runner:
@@ -60,19 +97,26 @@ class Runner:
         # the main process speaks for all of them
         self.console = (console or Console(stderr=True)) if self.is_main else Console(stderr=True, quiet=True)
 
-    def build(self) -> dict | None:
-        # Everything that can be checked before writing is checked before writing.
+    def check(self) -> tuple[list, dict, dict[str, int]]:
+        """Everything that can be checked before writing: each stage's preflight, the memory its settings need,
+        the folder to write. Returns the plan, the digests of what stages read from outside the artifact (the
+        teacher's files: part of their keys) and each stage's memory estimate in bytes."""
         plan = self.recipe.plan()
         preflight = Preflight(self.recipe, self.recipe_path)
         for spec, config in plan:
             if spec.preflight is not None:
                 spec.preflight(config, preflight)
-        # digests of what stages read from outside the artifact (the teacher's files): part of their keys
+        estimates = check_memory(plan, preflight.footprint, preflight.where)
         outside = {spec.name: spec.key_inputs(config, preflight) for spec, config in plan if spec.key_inputs is not None}
+        if self.is_main:
+            self.artifact.check_writable()
+        return plan, outside, estimates
+
+    def build(self) -> dict | None:
+        plan, outside, _ = self.check()
         if not self.is_main:
             self._follow(plan, outside)
             return None
-        self.artifact.check_writable()
         shared = self._last_distributed_stage(plan)
         if self.state is not None:
             together = " and ".join(spec.name for spec, _ in plan if spec.distributed)
@@ -145,7 +189,7 @@ class Runner:
             value = config_dict.get(field_name)
             if value is not None:
                 input_digests[f"file:{field_name}"] = sha256_file(self._recipe_file(value))
-        key = stage_key(spec.name, spec.version, config_dict, self.recipe.seed, input_digests)
+        key = stage_key(spec.name, spec.version, config_dict, self.recipe.seed, input_digests, environment(spec))
         return inputs, key, self.artifact.stage_dir(index, spec.name, key)
 
     def _run_stage(self, index: int, spec: StageSpec, config, roles: dict, outside: dict) -> StageRecord:
@@ -230,11 +274,22 @@ def _hand_over(spec: StageSpec, final: Path, stage_digest: str, roles: dict) -> 
         roles[role] = ((final / sub).resolve() if sub != "." else final, stage_digest)
 
 
+def _teacher_swapped(recipe: Recipe, random_weights: bool) -> Recipe:
+    if not random_weights:
+        return recipe
+    return recipe.model_copy(update={"teacher": random_weights_spec(recipe.teacher, recipe.topology)})
+
+
 def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,
           random_weights: bool = False) -> dict | None:
     """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only).
 
     Returns the report; None in the non-main processes of a launched build."""
-    if random_weights:
-        recipe = recipe.model_copy(update={"teacher": random_weights_spec(recipe.teacher, recipe.topology)})
-    return Runner(recipe, recipe_path, out, console).build()
+    return Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, console).build()
+
+
+def dry_run(recipe: Recipe, recipe_path: Path, out: Path, random_weights: bool = False) -> dict[str, str]:
+    """Check what ``build`` checks before it writes, and write nothing: each stage the build would run, with its
+    memory estimate ("" where it has none)."""
+    plan, _, estimates = Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, Console(quiet=True)).check()
+    return {spec.name: gib(estimates[spec.name]) if estimates.get(spec.name) else "" for spec, _ in plan}

@@ -422,8 +422,8 @@ def test_bad_distill_settings_are_named(tmp_path, teacher, extra, distill, messa
 
 @pytest.mark.parametrize("teacher, distill, message", [
     ("random:tiny-sd", "", "distill.prompts: Stable Diffusion teachers are distilled on prompts"),
-    ("random:tiny-sd", "    prompts: missing.txt\n", "prompt file not found"),
-    ("random:tiny-sd", "    prompts: empty.txt\n", "has no prompts"),
+    ("random:tiny-sd", "    prompts: missing.txt\n", "prompts: file not found"),
+    ("random:tiny-sd", "    prompts: empty.txt\n", "prompts: empty.txt has no text"),
     ("zoo:digits", "    prompts: prompts.txt\n", "distill.prompts is for Stable Diffusion teachers"),
 ])
 def test_prompt_files_are_checked_before_anything_is_written(tmp_path, teacher, distill, message):

@@ -15,21 +15,32 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+if TYPE_CHECKING:
+    from deploykit.stages.footprint import Demand, Footprint
+
 # The models a build compares, each the role holding it. ``pruned`` is the student before distill: it
 # exists exactly when a stage replaced the student and kept the one it replaced (distill's ``supersedes``).
 COMPARED_MODELS = {"teacher": "teacher", "pruned": "student.pre_distill", "student": "student"}
+# the packages (distribution names) whose versions a stage that builds or runs the torch models depends on
+MODEL_PACKAGES = ("torch", "diffusers", "transformers")
+# ... and one that makes, rewrites or runs ONNX graphs
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime", "onnx-graphsurgeon", "polygraphy")
+# the largest text file a recipe may name (a spec's ``file_fields``: prompt files). A million prompts of
+# 16 characters; MS-COCO's 30K captions are 1.5 MB.
+MAX_INPUT_FILE_BYTES = 16 << 20
 
 
 class StrictModel(BaseModel):
     """Recipe settings: an unknown key, a wrong type or a value out of range is an error naming the key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity compare false against every bound: refused, so a bound always holds
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StageConfig(StrictModel):
@@ -95,6 +106,13 @@ class Preflight:
         """A file a recipe names, relative to the recipe."""
         return self.recipe_dir / value
 
+    @cached_property
+    def footprint(self):
+        """The sizes of one sample, image and UNet call of this build's teacher (no weights loaded)."""
+        from deploykit.stages.footprint import footprint
+
+        return footprint(self.recipe, self.recipe_dir)
+
 
 @dataclass
 class ReportContext:
@@ -138,8 +156,12 @@ class StageSpec:
 
     ``version`` is part of the cache key: bump it when the stage's outputs change meaning. ``key_ignores``
     names config fields left out of the key (settings checked after the stage, such as a quality gate).
-    ``file_fields`` name config fields that are paths of input files (relative to the recipe): their
-    content is part of the key. A ``distributed`` stage runs on every process of a launched build
+    ``depends_on`` names the packages (distribution names) whose versions the stage's outputs depend on,
+    and ``machine`` says that they depend on the machine too (timings: its CPU, threads and GPU): both are
+    part of the key, so an upgrade or another machine runs the stage again instead of reusing its output.
+    ``file_fields`` name config fields that are paths of input text files (relative to the recipe, inside
+    its folder or a folder given with ``--allow-path``; checked when the recipe loads): their content is
+    part of the key. A ``distributed`` stage runs on every process of a launched build
     (``accelerate launch``); the others run on the main process only.
 
     Roles: a stage that reads role R needs an earlier stage that writes it (the recipe says which to add).
@@ -158,6 +180,9 @@ class StageSpec:
       this machine; runs before a build writes anything.
     - ``key_inputs(config, preflight) -> dict``: digests of inputs from outside the artifact (the teacher's
       source files), part of the cache key.
+    - ``memory(config, footprint) -> list[Demand]``: what the stage holds at once, as products of its settings
+      with the sizes of a sample, an image and a UNet call (:mod:`deploykit.stages.footprint`); a build whose
+      stage would not fit this machine's memory stops before it starts.
     - ``report(ReportContext) -> dict``: what the stage adds to report.json: its section and the fields of
       the model entries it measured. Sections merge key by key, in the order stages run.
     - ``conclude(config, report) -> dict``: fields that need every stage's figures (a quality gate's verdict),
@@ -186,12 +211,15 @@ class StageSpec:
     # part of its cache key
     recipe_fields: tuple[str, ...] = ()
     file_fields: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    machine: bool = False
     distributed: bool = False
     resolve: Callable[[Any, Any], Any] | None = None
     check: Callable[[Any, Any], None] | None = None
     required: Callable[[Any], str | None] | None = None
     preflight: Callable[[Any, Preflight], None] | None = None
     key_inputs: Callable[[Any, Preflight], dict[str, str]] | None = None
+    memory: Callable[[Any, Footprint], list[Demand]] | None = None
     report: Callable[[ReportContext], dict] | None = None
     conclude: Callable[[Any, dict], dict] | None = None
     gate: Callable[[Any, dict], str | None] | None = None

@@ -28,6 +28,8 @@ from deploykit.models import count_macs, count_params, load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, cpu_threads
 from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import (
+    MODEL_PACKAGES,
+    ONNX_PACKAGES,
     Markdown,
     Preflight,
     PublishContext,
@@ -37,7 +39,9 @@ from deploykit.stages.base import (
     StageSpec,
     StrictModel,
 )
+from deploykit.stages.bounds import BatchSize, Runs, SamplingSteps, Warmup
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.stages.footprint import Demand, Footprint
 from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
 ROLES = ("teacher", "student")
@@ -49,7 +53,7 @@ JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
 class EndToEnd(StrictModel):
     """A whole generation: text encoding, ``steps`` UNet steps with classifier-free guidance, VAE decode."""
 
-    steps: int = Field(10, ge=1, le=1000)
+    steps: SamplingSteps = 10
     runs: int = Field(3, ge=1, le=1000)
     warmup: int = Field(1, ge=0, le=100)
     prompt: str = Field("a photograph of an astronaut riding a horse", max_length=1000)
@@ -61,14 +65,14 @@ class BenchStage(StageConfig):
 
     stage: Literal["bench"] = "bench"
     backends: list[Backend] = Field(default_factory=lambda: ["torch-cpu", "onnxruntime-cpu"], min_length=1)
-    batch_size: int | None = Field(None, ge=1, le=4096,
-                                   description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch_size: BatchSize | None = Field(
+        None, description="samples per UNet call (default: 2 for SD, classifier-free guidance; 32 otherwise)")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="fp16 needs a CUDA backend")
     compile: bool = Field(False, description="torch backends: time torch.compile'd models (CUDA)")
     semi_structured: bool = Field(True, description="torch-cuda: run a 2:4 student's masked layers on cuSPARSELt "
                                                     "(false: the same zeros through dense kernels)")
-    warmup: int = Field(10, ge=0)
-    runs: int = Field(50, ge=3, le=100_000)
+    warmup: Warmup = 10
+    runs: Runs = 50
     end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
     estimate: bool = Field(False, description="put a roofline estimate beside each measurement (deploykit.bench.roofline; "
                                               "CPU peaks measured on the spot, GPU peaks from the data sheet)")
@@ -97,6 +101,14 @@ def check(cfg: BenchStage, recipe) -> None:
         raise ValueError(f"bench backend {wrong[0]} does not run on target {recipe.target}")
     if cfg.precision == "fp16" and recipe.target == "cpu":
         raise ValueError("bench precision fp16 needs target cuda")
+
+
+def memory(cfg: BenchStage, fp: Footprint) -> list[Demand]:
+    batch = cfg.batch_size or (2 if fp.pipeline else 32)
+    onnx = any(b.startswith("onnxruntime") for b in cfg.backends)
+    return [Demand("bench.batch_size x resolution", fp.unet_call(batch, materialized_attention=onnx),
+                   "a timed UNet call" + (", in ONNX Runtime" if onnx else "")),
+            Demand("bench.end_to_end x resolution", fp.vae_decode() if cfg.end_to_end else 0, "decoding an image")]
 
 
 def preflight(cfg: BenchStage, pf: Preflight) -> None:
@@ -388,4 +400,5 @@ def publish(ctx: PublishContext) -> None:
 
 BENCH = StageSpec(name="bench", version="2", config=BenchStage, reads=("teacher", "student"),
                   optional_reads=("onnx", "onnx_int8"), writes={"bench": "."}, run=run, check=check, preflight=preflight,
+                  depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES, "openvino"), machine=True, memory=memory,
                   report=report_section, markdown=markdown_rows, publish=publish)

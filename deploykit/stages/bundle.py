@@ -24,7 +24,17 @@ from deploykit.errors import InputError
 from deploykit.models.io_spec import ComponentIO, Range, VAEDecoderIO, pipeline_component_io
 from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
-from deploykit.stages.base import Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import (
+    MODEL_PACKAGES,
+    ONNX_PACKAGES,
+    Markdown,
+    PublishContext,
+    ReportContext,
+    StageConfig,
+    StageContext,
+    StageSpec,
+)
+from deploykit.stages.bounds import BatchSize, ProfileBatch, ProfileSide, Runs, Warmup
 from deploykit.stages.data import example_inputs, is_pipeline, teacher_meta
 from deploykit.stages.engine import graph_unet_io, has_qdq, min_opt_max, shape_ranges
 from deploykit.targets import JETSON_TARGETS, ON_DEVICE
@@ -55,16 +65,16 @@ class BundleStage(StageConfig):
                             "8 GB devices; needs export.fp16)")
     pipeline: bool = Field(True, description="SD: also ship the student's text encoder, VAE decoder, tokenizer and "
                                              "scheduler, so that `run.py serve` makes images (false: UNets only)")
-    batch_size: int | None = Field(None, ge=1, le=4096,
-                                   description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
-    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the engines' optimization profile")
-    resolution: tuple[int, int, int] | None = Field(
+    batch_size: BatchSize | None = Field(
+        None, description="UNet batch of run.py bench (default: 2 for SD, classifier-free guidance; 32 otherwise)")
+    batch: ProfileBatch | None = Field(None, description="min, opt, max batch of the engines' optimization profile")
+    resolution: ProfileSide | None = Field(
         None, description="min, opt, max image side in pixels of the profile (default: the recipe's resolution, fixed)")
     workspace_gb: float = Field(2.0, gt=0, le=1024, description="TensorRT builder workspace on the device")
     optimization_level: int = Field(3, ge=0, le=5)
     timing_cache: bool = Field(True, description="reuse tactic timings across builds on the device (engines/timing.cache)")
-    warmup: int = Field(10, ge=0, le=100_000, description="run.py bench: warm-up pairs")
-    runs: int = Field(50, ge=3, le=100_000, description="run.py bench: timed teacher / student pairs")
+    warmup: Warmup = Field(10, description="run.py bench: warm-up pairs")
+    runs: Runs = Field(50, description="run.py bench: timed teacher / student pairs")
 
     _ordered = field_validator("batch", "resolution")(min_opt_max)
 
@@ -242,4 +252,5 @@ def publish(ctx: PublishContext) -> None:
 
 BUNDLE = StageSpec(name="bundle", version="2", config=BundleStage, reads=("teacher", "student", "onnx"),
                    optional_reads=("onnx_int8",), writes={"bundle": "."}, run=run, recipe_fields=("target", "name"),
+                   depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES),
                    check=check, required=required, report=report_section, markdown=markdown_rows, publish=publish)

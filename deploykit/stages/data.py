@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from deploykit.errors import InputError
-from deploykit.io import load_tensors
+from deploykit.io import load_tensors, read_text_file
+from deploykit.stages.base import MAX_INPUT_FILE_BYTES
 
 if TYPE_CHECKING:  # deploykit.eval imports torchmetrics, seconds that loading a recipe need not spend
     from deploykit.eval.features import DigitsClassifier
@@ -47,13 +48,8 @@ MAX_PROMPTS = 1_000_000
 
 
 def read_prompts(path: Path) -> list[str]:
-    """A prompt file: one prompt per line, blank lines skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"prompt file {path} cannot be read as UTF-8 text: {e}") from None
+    """A prompt file: one prompt per line, blank lines skipped; a regular UTF-8 file of at most 16 MiB."""
+    lines = read_text_file(path, MAX_INPUT_FILE_BYTES, "prompt file").splitlines()
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {path} has no prompts (one per line)")

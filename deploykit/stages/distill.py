@@ -32,8 +32,10 @@ from deploykit.models import load_model, save_model
 from deploykit.models.io_spec import SDXLUNetIO
 from deploykit.runtime import make_pipeline_scheduler, make_scheduler, sample_batched
 from deploykit.sparsity import MASKS_FILE, load_masks, save_masks
-from deploykit.stages.base import Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import MODEL_PACKAGES, Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import BatchSize, LossWeight, Samples, SamplingSteps, StepCount, TrainingSteps
 from deploykit.stages.data import is_pipeline, load_teacher_pipeline, noise_scheduler, read_prompts, teacher_meta, training_images
+from deploykit.stages.footprint import Demand, Footprint
 
 SAMPLES_FILE = "teacher_samples.safetensors"
 # Stable Diffusion is trained with 10% of its captions dropped so that classifier-free guidance has an
@@ -51,36 +53,35 @@ class DistillStage(StageConfig):
     """
 
     stage: Literal["distill"] = "distill"
-    steps: int = Field(300, ge=1, le=10_000_000)
-    batch_size: int = Field(64, ge=1, le=4096, description="samples per optimizer step, over all processes and "
-                                                           "accumulation steps")
+    steps: TrainingSteps = 300
+    batch_size: BatchSize = Field(64, description="samples per optimizer step, over all processes and "
+                                                  "accumulation steps")
     lr: float = Field(5e-4, gt=0, lt=1)
-    warmup_steps: int = Field(20, ge=0)
-    denoise_weight: float = Field(1.0, ge=0, description="||eps_student - eps||^2 (Diff-Pruning's recovery)")
-    output_kd_weight: float = Field(1.0, ge=0, description="||eps_student - eps_teacher||^2")
-    feature_kd_weight: float = Field(0.0, ge=0, description="block outputs, ||f_s - f_t||^2 / ||f_t||^2 (LAPTOP-Diff)")
-    attention_kd_weight: float = Field(0.0, ge=0, description="attention outputs, normalised like feature KD")
-    distribution_kd_weight: float = Field(0.0, ge=0, description="tau^2 KL(softmax(eps_t / tau) || softmax(eps_s / tau)) "
-                                                                  "over spatial positions")
+    warmup_steps: StepCount = 20
+    denoise_weight: LossWeight = Field(1.0, description="||eps_student - eps||^2 (Diff-Pruning's recovery)")
+    output_kd_weight: LossWeight = Field(1.0, description="||eps_student - eps_teacher||^2")
+    feature_kd_weight: LossWeight = Field(0.0, description="block outputs, ||f_s - f_t||^2 / ||f_t||^2 (LAPTOP-Diff)")
+    attention_kd_weight: LossWeight = Field(0.0, description="attention outputs, normalised like feature KD")
+    distribution_kd_weight: LossWeight = Field(0.0, description="tau^2 KL(softmax(eps_t / tau) || softmax(eps_s / tau)) "
+                                                                "over spatial positions")
     distribution_temperature: float = Field(1.0, gt=0, le=100, description="tau of the distribution term")
-    adversarial_weight: float = Field(0.0, ge=0, description="hinge GAN term of a small discriminator on the noise "
-                                                             "prediction")
-    adversarial_warmup: int = Field(100, ge=0, description="steps before the discriminator and its term start")
+    adversarial_weight: LossWeight = Field(0.0, description="hinge GAN term of a small discriminator on the noise "
+                                                            "prediction")
+    adversarial_warmup: StepCount = Field(100, description="steps before the discriminator and its term start")
     discriminator_lr: float = Field(2e-4, gt=0, lt=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast on GPUs (needs target cuda)")
     gradient_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the student's weights, saved as the result (0 = off)")
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: TrainingSteps = 50
     mask_mode: Literal["fixed", "sr-ste"] = Field(
         "fixed", description="a 2:4 student's masks: fixed (re-applied after every step) or sr-ste (re-chosen every step "
                              "from the dense weights, straight-through gradients, decay on the pruned weights)")
     sr_ste_decay: float = Field(2e-4, ge=0, lt=1, description="sr-ste: lambda of the decay on masked-out weights")
     prompts: str | None = Field(None, min_length=1, description="Stable Diffusion teachers: a text file of prompts, one "
                                                                 "per line (relative to the recipe)")
-    teacher_samples: int = Field(512, ge=1, le=1_000_000,
-                                 description="teachers without a data set (SD, local folders): samples the teacher "
-                                             "generates as training data (SD: cycled over the prompts)")
-    teacher_sample_steps: int = Field(25, ge=1, le=1000, description="DDIM steps per generated sample")
+    teacher_samples: Samples = Field(512, description="teachers without a data set (SD, local folders): samples the "
+                                                      "teacher generates as training data (SD: cycled over the prompts)")
+    teacher_sample_steps: SamplingSteps = Field(25, description="DDIM steps per generated sample")
     guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="SD: classifier-free guidance of the generated samples")
 
     @model_validator(mode="after")
@@ -101,6 +102,16 @@ class DistillStage(StageConfig):
 def check(cfg: DistillStage, recipe) -> None:
     if cfg.mixed_precision != "no" and recipe.target == "cpu":
         raise ValueError(f"distill.mixed_precision {cfg.mixed_precision} needs target cuda (on a CPU training runs in fp32)")
+
+
+def memory(cfg: DistillStage, fp: Footprint) -> list[Demand]:
+    micro = cfg.batch_size // cfg.gradient_accumulation
+    return [Demand("distill.teacher_samples x resolution",
+                   0 if fp.dataset else cfg.teacher_samples * (fp.sample_bytes + fp.cond_bytes),
+                   "the teacher's generated training samples"),
+            Demand("distill.batch_size / distill.gradient_accumulation x resolution",
+                   fp.training_step(micro) + fp.unet_call(micro),
+                   "the student's activations kept for its backward pass and the teacher's forward, on one micro-batch")]
 
 
 def preflight(cfg: DistillStage, pf: Preflight) -> None:
@@ -295,4 +306,5 @@ def publish(ctx: PublishContext) -> None:
 # The student it replaces stays available as student.pre_distill: the report's "pruned" model.
 DISTILL = StageSpec(name="distill", version="2", config=DistillStage, reads=("teacher", "student"), writes={"student": "."},
                     supersedes={"student": "student.pre_distill"}, run=run, file_fields=("prompts",), distributed=True,
-                    check=check, preflight=preflight, report=report_section, markdown=markdown_rows, publish=publish)
+                    depends_on=(*MODEL_PACKAGES, "accelerate"), check=check, preflight=preflight, memory=memory,
+                    report=report_section, markdown=markdown_rows, publish=publish)

@@ -27,6 +27,7 @@ from deploykit.models.io_spec import Range, UNetIO, unet_io
 from deploykit.onnxtools import graph_signature
 from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import ProfileBatch, ProfileSide
 from deploykit.stages.data import is_pipeline, teacher_meta
 from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
@@ -53,8 +54,8 @@ class EngineStage(StageConfig):
     sparse_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="BuilderFlag.SPARSE_WEIGHTS: auto turns it on when the student carries 2:4 masks")
     workspace_gb: float = Field(4.0, gt=0, le=1024)
-    batch: tuple[int, int, int] | None = Field(None, description="min, opt, max batch of the optimization profile")
-    resolution: tuple[int, int, int] | None = Field(
+    batch: ProfileBatch | None = Field(None, description="min, opt, max batch of the optimization profile")
+    resolution: ProfileSide | None = Field(
         None, description="min, opt, max image side in pixels (default: the recipe's resolution, fixed)")
     timing_cache: bool = Field(True, description="reuse tactic timings across builds (engines/timing.cache)")
     optimization_level: int = Field(3, ge=0, le=5)
@@ -189,4 +190,5 @@ def publish(ctx: PublishContext) -> None:
 
 ENGINE = StageSpec(name="engine", version="1", config=EngineStage, reads=("teacher", "student", "onnx"),
                    optional_reads=("onnx_int8",), writes={"engines": "."}, run=run, check=check, preflight=preflight,
+                   depends_on=("tensorrt", "onnx", "polygraphy"), machine=True,
                    report=report_section, markdown=markdown_rows, publish=publish)

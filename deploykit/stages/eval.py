@@ -21,8 +21,19 @@ from pydantic import Field
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, make_pipeline_scheduler, make_scheduler, sample_batched
-from deploykit.stages.base import COMPARED_MODELS, Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import (
+    COMPARED_MODELS,
+    MODEL_PACKAGES,
+    Markdown,
+    PublishContext,
+    ReportContext,
+    StageConfig,
+    StageContext,
+    StageSpec,
+)
+from deploykit.stages.bounds import BatchSize, Samples, SamplingSteps
 from deploykit.stages.data import feature_extractor, is_pipeline, load_teacher_pipeline, teacher_meta, training_images
+from deploykit.stages.footprint import Demand, Footprint
 
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red bicycle leaning on a brick wall",
                    "a bowl of ramen, studio lighting", "a lighthouse on a cliff at sunset")
@@ -37,14 +48,27 @@ class EvalStage(StageConfig):
     """
 
     stage: Literal["eval"] = "eval"
-    num_samples: int = Field(512, ge=1, le=1_000_000)
-    steps: int = Field(25, ge=1, le=1000, description="sampling steps per image")
+    num_samples: Samples = 512
+    steps: SamplingSteps = Field(25, description="sampling steps per image")
     scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
                                description="SD teachers: prompts, cycled over num_samples")
     guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
-    batch_size: int = Field(128, ge=1, le=4096)
+    batch_size: BatchSize = 128
     grid_samples: int = Field(32, ge=1, le=256)
+
+
+def memory(cfg: EvalStage, fp: Footprint) -> list[Demand]:
+    recipe = fp.recipe
+    quantize = recipe.stage("quantize")
+    models = 2 + (recipe.stage("distill") is not None) + (0 if quantize is None else 1 + quantize.teacher)
+    # pixel UNets: every model's samples and the shared noise; pipelines: every model's decoded images
+    held = cfg.num_samples * (fp.image_bytes * models if fp.pipeline else fp.sample_bytes * (models + 1))
+    return [Demand("eval.num_samples x resolution", held, f"the samples of {models} models, kept for the metrics"),
+            Demand("eval.batch_size x resolution", fp.unet_call(2 if fp.pipeline else cfg.batch_size,
+                                                               materialized_attention=quantize is not None),
+                   "a UNet call on one batch"),
+            Demand("resolution", fp.vae_decode(), "decoding an image")]
 
 
 def _roles(ctx: StageContext) -> list[str]:
@@ -214,4 +238,5 @@ def publish(ctx: PublishContext) -> None:
 
 EVAL = StageSpec(name="eval", version="3", config=EvalStage, reads=("teacher", "student"),
                  optional_reads=("student.pre_distill", "onnx_int8"), writes={"eval": "."}, run=run,
+                 depends_on=(*MODEL_PACKAGES, "onnxruntime", "torchmetrics", "scipy"), memory=memory,
                  report=report_section, markdown=markdown_rows, publish=publish)

@@ -23,8 +23,19 @@ from deploykit.models import load_model
 from deploykit.models.inputs import unet_input_names
 from deploykit.sparsity import MASKS_FILE, load_masks
 from deploykit.sparsity.onnx_check import check_onnx_2to4
-from deploykit.stages.base import Markdown, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import (
+    MODEL_PACKAGES,
+    ONNX_PACKAGES,
+    Markdown,
+    PublishContext,
+    ReportContext,
+    StageConfig,
+    StageContext,
+    StageSpec,
+)
+from deploykit.stages.bounds import Tolerance
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.stages.footprint import Demand, Footprint
 
 ONNX_NAME = "model.onnx"
 # fp16 graphs are compared with the fp32 torch model: their error is fp16 rounding through the network
@@ -37,9 +48,14 @@ class ExportStage(StageConfig):
     stage: Literal["export"] = "export"
     opset: int = Field(17, ge=13, le=23)
     fp16: bool = Field(False, description="fp16 graphs (for GPUs; the fp32 graph is what CPU backends run)")
-    atol: float = Field(1e-4, gt=0)
-    rtol: float = Field(1e-3, gt=0)
+    atol: Tolerance = 1e-4
+    rtol: Tolerance = 1e-3
     check_batch: int = Field(4, ge=1, le=256)
+
+
+def memory(cfg: ExportStage, fp: Footprint) -> list[Demand]:
+    return [Demand("export.check_batch x resolution", fp.unet_call(cfg.check_batch, materialized_attention=True),
+                   "a UNet call of the check, in ONNX Runtime")]
 
 
 def _export_pipeline_files(teacher_dir: str, model_dir: str, out: str, fp16: bool, opset: int) -> dict:
@@ -123,4 +139,5 @@ def publish(ctx: PublishContext) -> None:
 
 
 EXPORT = StageSpec(name="export", version="2", config=ExportStage, reads=("teacher", "student"), writes={"onnx": "."},
-                   run=run, report=report_section, markdown=markdown_rows, publish=publish)
+                   run=run, depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES), memory=memory, report=report_section,
+                   markdown=markdown_rows, publish=publish)

@@ -11,8 +11,10 @@ from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import load_model, save_model
 from deploykit.prune import DEFAULT_IGNORED, GradientData, PruneConfig, available, get_criterion, prune_to_macs
-from deploykit.stages.base import COMPARED_MODELS, Markdown, Preflight, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import COMPARED_MODELS, MODEL_PACKAGES, Markdown, Preflight, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import Batches, BatchSize
 from deploykit.stages.data import example_inputs, noise_scheduler, teacher_meta, training_images
+from deploykit.stages.footprint import Demand, Footprint
 
 # Channel counts the target's kernels like: AVX-512 / oneDNN blocks of 8 floats on CPU; on GPUs, fp16
 # tensor-core tiles want multiples of 64 for the widths to map onto whole tiles.
@@ -39,8 +41,8 @@ class PruneStage(StageConfig):
         None, description="fnmatch patterns of layers whose output channels stay dense (default: "
                           f"{', '.join(DEFAULT_IGNORED)}; SD UNets also conv_in and add_embedding.*)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
-    gradient_batches: int = Field(4, ge=1, le=1000, description="batches for the gradient criteria and block-removal's calibration")
-    batch_size: int = Field(64, ge=1, le=4096)
+    gradient_batches: Batches = Field(4, description="batches for the gradient criteria and block-removal's calibration")
+    batch_size: BatchSize = 64
 
 
 def resolve(cfg: PruneStage, recipe) -> PruneStage:
@@ -53,6 +55,17 @@ def preflight(cfg: PruneStage, pf: Preflight) -> None:
     if pf.teacher_kind == "pipeline" and get_criterion(cfg.criterion).needs_gradients:
         raise InputError(f"{pf.where}: prune.criterion {cfg.criterion} needs training images; for Stable "
                          "Diffusion UNets use magnitude, random or block-removal")
+
+
+def memory(cfg: PruneStage, fp: Footprint) -> list[Demand]:
+    criterion = get_criterion(cfg.criterion)
+    if not criterion.needs_data:  # the MACs search alone runs at batch 1
+        return []
+    return [Demand("prune.batch_size x prune.gradient_batches x resolution",
+                   0 if fp.dataset else cfg.batch_size * cfg.gradient_batches * fp.sample_bytes, "the criterion's noise inputs"),
+            Demand("prune.batch_size x resolution",
+                   fp.training_step(cfg.batch_size) if criterion.needs_gradients else fp.unet_call(cfg.batch_size),
+                   "a UNet call on one batch" + (" kept for its backward pass" if criterion.needs_gradients else ""))]
 
 
 def run(ctx: StageContext) -> dict:
@@ -130,4 +143,5 @@ def markdown_rows(report: dict) -> Markdown | None:
 
 
 PRUNE = StageSpec(name="prune", version="2", config=PruneStage, reads=("teacher",), writes={"student": ".", "prune": "."},
-                  run=run, resolve=resolve, preflight=preflight, report=report_section, markdown=markdown_rows)
+                  run=run, depends_on=(*MODEL_PACKAGES, "torch-pruning"), resolve=resolve, preflight=preflight, memory=memory,
+                  report=report_section, markdown=markdown_rows)

@@ -27,6 +27,8 @@ from deploykit.quantize.onnx_int8 import OrtInt8Config, int8_layers, output_erro
 from deploykit.runtime import TorchBackend, cpu_threads, make_pipeline_scheduler, make_scheduler
 from deploykit.runtime.sampling import sample
 from deploykit.stages.base import (
+    MODEL_PACKAGES,
+    ONNX_PACKAGES,
     Markdown,
     Preflight,
     PublishContext,
@@ -36,7 +38,9 @@ from deploykit.stages.base import (
     StageSpec,
     StrictModel,
 )
+from deploykit.stages.bounds import SamplingSteps
 from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.stages.footprint import Demand, Footprint
 
 ONNX_NAME = "model.onnx"
 CALIBRATION_SEED_OFFSET = 7919  # calibration noise / generators differ from eval's (which uses the build seed)
@@ -52,8 +56,8 @@ class QualityLoss(StrictModel):
     """The largest quality loss INT8 may cost, each metric in its own "worse" direction, measured by the
     eval stage as INT8 student against fp32 student on the same noise / prompts and seeds."""
 
-    fid: float | None = Field(None, ge=0, description="largest FID increase (zoo teachers)")
-    psnr_vs_teacher: float | None = Field(None, ge=0, description="largest drop of PSNR against the teacher, in dB")
+    fid: float | None = Field(None, ge=0, le=1000, description="largest FID increase (zoo teachers)")
+    psnr_vs_teacher: float | None = Field(None, ge=0, le=100, description="largest drop of PSNR against the teacher, in dB")
     ssim_vs_teacher: float | None = Field(None, ge=0, le=2, description="largest drop of SSIM against the teacher")
 
     @model_validator(mode="after")
@@ -83,8 +87,8 @@ class QuantizeStage(StageConfig):
     calibration_samples: int = Field(64, ge=1, le=100_000,
                                      description="teacher trajectories to record: noise samples (pixel UNets) or "
                                                  "prompts (SD, cycled over calibration_prompts)")
-    calibration_steps: int = Field(10, ge=1, le=1000, description="sampling steps per trajectory; every UNet call is "
-                                                                  "one calibration batch")
+    calibration_steps: SamplingSteps = Field(10, description="sampling steps per trajectory; every UNet call is "
+                                                             "one calibration batch")
     calibration_prompts: list[str] = Field(default_factory=lambda: list(CALIBRATION_PROMPTS), min_length=1,
                                            description="SD teachers: calibration prompts (kept apart from eval's)")
     scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
@@ -127,6 +131,18 @@ def preflight(cfg: QuantizeStage, pf: Preflight) -> None:
     if pf.teacher_kind == "pipeline" and cfg.max_quality_loss is not None and cfg.max_quality_loss.fid is not None:
         raise InputError(f"{pf.where}: quantize.max_quality_loss.fid: FID is not measured for Stable Diffusion pipelines; "
                          "use psnr_vs_teacher / ssim_vs_teacher")
+
+
+def memory(cfg: QuantizeStage, fp: Footprint) -> list[Demand]:
+    # every UNet call of the teacher's trajectories is kept as a calibration batch: one call per step over all the
+    # samples for pixel UNets; one per step and prompt, two rows (classifier-free guidance), for pipelines
+    rows = 2 if fp.pipeline else 1
+    return [Demand("quantize.calibration_samples x quantize.calibration_steps x resolution",
+                   cfg.calibration_samples * cfg.calibration_steps * rows * (fp.sample_bytes + fp.cond_bytes),
+                   "the recorded calibration batches"),
+            Demand("quantize.calibration_samples x resolution",
+                   fp.unet_call(rows if fp.pipeline else cfg.calibration_samples, materialized_attention=True),
+                   "a UNet call on one calibration batch, in ONNX Runtime")]
 
 
 def _pixel_batches(ctx: StageContext, meta: dict, teacher) -> tuple[list, dict]:
@@ -308,5 +324,6 @@ def publish(ctx: PublishContext) -> None:
 # max_quality_loss is checked on the finished build's figures (``gate``): changing it re-quantizes nothing
 QUANTIZE = StageSpec(name="quantize", version="1", config=QuantizeStage, reads=("teacher", "student", "onnx"),
                      writes={"onnx_int8": "."}, run=run, key_ignores=("max_quality_loss",), models=INT8_MODELS,
-                     check=check, preflight=preflight, report=report_section, conclude=conclude, gate=gate,
+                     depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES, "nvidia-modelopt"), memory=memory, check=check,
+                     preflight=preflight, report=report_section, conclude=conclude, gate=gate,
                      markdown=markdown_rows, publish=publish)

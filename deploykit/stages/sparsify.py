@@ -18,8 +18,10 @@ from deploykit.models import load_model, save_model
 from deploykit.models.wrappers import tensor_view
 from deploykit.sparsity import SparsityConfig, eligible_layers, masks_summary, save_masks, sparsify
 from deploykit.sparsity.masks import DEFAULT_EXCLUDE, DEFAULT_MIN_FEATURES
-from deploykit.stages.base import Markdown, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import MODEL_PACKAGES, Markdown, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import Batches, BatchSize
 from deploykit.stages.data import example_inputs, noise_scheduler, teacher_meta, training_images
+from deploykit.stages.footprint import Demand, Footprint
 
 
 class SparsifyStage(StageConfig):
@@ -32,8 +34,18 @@ class SparsifyStage(StageConfig):
                                description=f"layers kept dense (default: {', '.join(DEFAULT_EXCLUDE)})")
     min_features: int = Field(DEFAULT_MIN_FEATURES, ge=0, le=1_000_000,
                               description="layers with fewer input or output channels stay dense (2:4 kernels do not win there)")
-    calibration_batches: int = Field(4, ge=1, le=1000, description="sparsegpt: batches of calibration inputs")
-    calibration_batch_size: int = Field(16, ge=1, le=4096)
+    calibration_batches: Batches = Field(4, description="sparsegpt: batches of calibration inputs")
+    calibration_batch_size: BatchSize = 16
+
+
+def memory(cfg: SparsifyStage, fp: Footprint) -> list[Demand]:
+    if cfg.method != "sparsegpt":  # magnitude masks need no data
+        return []
+    return [Demand("sparsify.calibration_batches x sparsify.calibration_batch_size x resolution",
+                   cfg.calibration_batches * cfg.calibration_batch_size * (fp.sample_bytes + fp.cond_bytes),
+                   "the calibration inputs"),
+            Demand("sparsify.calibration_batch_size x resolution", fp.unet_call(cfg.calibration_batch_size),
+                   "a UNet call on one calibration batch")]
 
 
 def _calibration_loop(ctx: StageContext, meta: dict, model: torch.nn.Module):
@@ -110,4 +122,5 @@ def markdown_rows(report: dict) -> Markdown | None:
 
 
 SPARSIFY = StageSpec(name="sparsify", version="1", config=SparsifyStage, reads=("teacher",), optional_reads=("student",),
-                     writes={"student": ".", "sparsity": "."}, run=run, report=report_section, markdown=markdown_rows)
+                     writes={"student": ".", "sparsity": "."}, run=run, depends_on=(*MODEL_PACKAGES, "nvidia-modelopt"),
+                     memory=memory, report=report_section, markdown=markdown_rows)

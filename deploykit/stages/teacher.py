@@ -16,7 +16,7 @@ from deploykit.io import atomic_write_json, sha256_file
 from deploykit.models import count_params, load_teacher, save_model
 from deploykit.models.diffusers_pipelines import save_components
 from deploykit.models.teacher import check_teacher_spec, teacher_path
-from deploykit.stages.base import Preflight, ReportContext, StageContext, StageSpec, StrictModel
+from deploykit.stages.base import MODEL_PACKAGES, Preflight, ReportContext, StageContext, StageSpec, StrictModel
 from deploykit.stages.data import FEATURES, PIPELINE_DIR, TEACHER_JSON
 
 
@@ -85,4 +85,5 @@ def report_section(ctx: ReportContext) -> dict:
 
 
 TEACHER = StageSpec(name="teacher", version="2", config=TeacherConfig, implicit=True, writes={"teacher": "."}, run=run,
-                    resolve=resolve, preflight=preflight, key_inputs=key_inputs, report=report_section)
+                    depends_on=(*MODEL_PACKAGES, "safetensors"), resolve=resolve, preflight=preflight, key_inputs=key_inputs,
+                    report=report_section)

@@ -31,8 +31,10 @@ from deploykit.models.io_spec import unet_io
 from deploykit.models.wrappers import TensorOutput
 from deploykit.onnxtools import adapt_feed, compare_runners, graph_signature
 from deploykit.sparsity import MASKS_FILE, check_2to4, load_masks
-from deploykit.stages.base import Markdown, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import MODEL_PACKAGES, ONNX_PACKAGES, Markdown, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import Tolerance
 from deploykit.stages.data import example_inputs, teacher_meta
+from deploykit.stages.footprint import Demand, Footprint
 
 ROLES = ("teacher", "student")
 
@@ -43,13 +45,18 @@ class VerifyStage(StageConfig):
     stage: Literal["verify"] = "verify"
     batches: int = Field(2, ge=1, le=100, description="input batches compared")
     batch_size: int = Field(2, ge=1, le=256)
-    fp32_atol: float = Field(1e-4, gt=0)
-    fp32_rtol: float = Field(1e-3, gt=0)
-    fp16_atol: float = Field(5e-2, gt=0)
-    fp16_rtol: float = Field(5e-2, gt=0)
-    int8_atol: float = Field(2e-1, gt=0)
-    int8_rtol: float = Field(2e-1, gt=0)
+    fp32_atol: Tolerance = 1e-4
+    fp32_rtol: Tolerance = 1e-3
+    fp16_atol: Tolerance = 5e-2
+    fp16_rtol: Tolerance = 5e-2
+    int8_atol: Tolerance = 2e-1
+    int8_rtol: Tolerance = 2e-1
     check_sparsity: bool = Field(True, description="check that a masked student's weights are still 2:4")
+
+
+def memory(cfg: VerifyStage, fp: Footprint) -> list[Demand]:
+    return [Demand("verify.batch_size x resolution", fp.unet_call(cfg.batch_size, materialized_attention=True),
+                   "a UNet call of the comparison, in ONNX Runtime")]
 
 
 def tolerance(cfg, precision: str) -> dict:
@@ -152,5 +159,6 @@ def markdown_rows(report: dict) -> Markdown | None:
 
 
 VERIFY = StageSpec(name="verify", version="1", config=VerifyStage, reads=("teacher", "student", "onnx"),
-                   optional_reads=("engines", "onnx_int8"), writes={"verify": "."}, run=run, report=report_section,
+                   optional_reads=("engines", "onnx_int8"), writes={"verify": "."}, run=run,
+                   depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES, "tensorrt"), memory=memory, report=report_section,
                    markdown=markdown_rows)
