@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deploykit import __version__
@@ -180,8 +181,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder made by `deploykit build`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", help="tensorrt, onnxruntime-cuda, torch-cuda, onnxruntime-cpu or torch-cpu "
-                                     "(default: the first of these this machine and the artifact have)")
+    p.add_argument("--backend", help="tensorrt, onnxruntime-cuda, torch-cuda, onnxruntime-cpu, openvino-cpu or torch-cpu "
+                                     "(default: the first of these this machine and the artifact have; openvino-cpu "
+                                     "needs pip install 'deploykit[openvino]')")
     p.add_argument("--max-batch", type=int, default=4, help="images per model call; 1 turns batching off (default 4)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request may wait for others to join its batch (default 10)")
@@ -247,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except QualityGateError as e:
         if debug:
             raise
-        console.print(f"[red]quality gate failed:[/] {e}", highlight=False)
+        console.print(f"[red]quality gate failed:[/] {escape(str(e))}", highlight=False)
         return 3
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; run the same command again to resume[/]")
@@ -260,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeployKitError as e:
         if debug:
             raise
-        console.print(f"[red]failed:[/] {e}", highlight=False)
+        console.print(f"[red]failed:[/] {escape(str(e))}", highlight=False)
         return 1
     except Exception as e:  # noqa: BLE001 - the CLI is the one place that turns failures into exit codes
         if debug:
             raise
-        console.print(f"[red]internal error:[/] {type(e).__name__}: {e}\n(set DEPLOYKIT_DEBUG=1 for the traceback)",
+        console.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n(set DEPLOYKIT_DEBUG=1 for the traceback)",
                       highlight=False)
         return 1
 
