@@ -102,12 +102,14 @@ class GraphBackend:
 
 
 class OnnxRuntimeBackend(GraphBackend):
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 options=None):
+        """``options``: session options in place of :func:`ort_session_options` (for experiments on them)."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]
         self.name = "onnxruntime-cpu" if providers == ["CPUExecutionProvider"] else "onnxruntime-cuda"
-        self.session = ort.InferenceSession(str(onnx_path), ort_session_options(threads), providers=providers)
+        self.session = ort.InferenceSession(str(onnx_path), options or ort_session_options(threads), providers=providers)
         self.inputs = [(i.name, _ORT_TYPES.get(i.type, np.float32), len(i.shape)) for i in self.session.get_inputs()]
 
     def run_numpy(self, *inputs: np.ndarray) -> np.ndarray:

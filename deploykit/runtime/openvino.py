@@ -45,15 +45,17 @@ def cache_folder(digests: list[str]) -> Path:
     return Path(base) / "openvino" / key
 
 
-def compile_config(threads: int | None = None) -> dict:
-    return {"INFERENCE_NUM_THREADS": threads or cpu_threads(), "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"}
+def compile_config(threads: int | None = None, precision: str | None = "f32") -> dict:
+    """``precision``: the float layers' inference precision; None leaves OpenVINO's default for this CPU."""
+    config = {"INFERENCE_NUM_THREADS": threads or cpu_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    return config | ({"INFERENCE_PRECISION_HINT": precision} if precision else {})
 
 
 class OpenVINOBackend(GraphBackend):
     name = "openvino-cpu"
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, cache_dir: str | Path | None = None,
+                 precision: str | None = "f32"):
         missing = openvino_missing()
         if missing:
             raise InputError(f"backend openvino-cpu: {missing}")
@@ -64,7 +66,8 @@ class OpenVINOBackend(GraphBackend):
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
         # compiled from the path, so that a cached model is imported without reading the graph first
-        self.compiled = core.compile_model(str(onnx_path), "CPU", compile_config(threads))
+        self.compiled = core.compile_model(str(onnx_path), "CPU", compile_config(threads, precision))
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.request = self.compiled.create_infer_request()
         self.inputs = [(port.get_any_name(), port.get_element_type().to_dtype().type, port.get_partial_shape().rank.get_length())
                        for port in self.compiled.inputs]
