@@ -107,12 +107,11 @@ def check(cfg: BenchStage, recipe) -> None:
 
 
 def preflight(cfg: BenchStage, pf: Preflight) -> None:
-    if "openvino-cpu" in cfg.backends:
-        from deploykit.runtime.openvino import openvino_missing
-
-        missing = openvino_missing()
-        if missing:
-            raise InputError(f"{pf.where}: bench backend openvino-cpu: {missing}")
+    if "openvino-cpu" in cfg.backends:  # an optional extra: said before anything is built
+        try:
+            _check_device("openvino-cpu")
+        except InputError as e:
+            raise InputError(f"{pf.where}: {e}") from None
     if cfg.end_to_end is not None and pf.teacher_kind != "pipeline":
         raise InputError(f"{pf.where}: bench.end_to_end times SD pipelines; teacher {pf.recipe.teacher} is a "
                          "pixel-space UNet")
@@ -139,8 +138,9 @@ def _check_device(name: str) -> None:
     if name == "openvino-cpu":
         from deploykit.runtime.openvino import openvino_missing
 
-        if openvino_missing():
-            raise InputError(f"bench backend openvino-cpu: {openvino_missing()}")
+        missing = openvino_missing()
+        if missing:
+            raise InputError(f"bench backend openvino-cpu: {missing}")
 
 
 def _semi_structured_student(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
