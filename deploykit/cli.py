@@ -197,8 +197,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder made by `deploykit build`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", help="tensorrt, onnxruntime-cuda, torch-cuda, onnxruntime-cpu or torch-cpu "
-                                     "(default: the first of these this machine and the artifact have)")
+    p.add_argument("--backend", help="tensorrt, onnxruntime-cuda, torch-cuda, onnxruntime-cpu, openvino-cpu or torch-cpu "
+                                     "(default: the first of these this machine and the artifact have; openvino-cpu "
+                                     "needs pip install 'deploykit[openvino]')")
     p.add_argument("--max-batch", type=int, default=4, help="images per model call; 1 turns batching off (default 4)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a request may wait for others to join its batch (default 10)")

@@ -70,3 +70,41 @@ def test_eval_scores_fid_and_kid_against_a_reference_the_floor_is_not_drawn_from
         frechet_distance(*feature_stats(extract_features(extractor, floor[:32])), *stats), rel=1e-9)
     inside = reference[:32]  # the old floor: a subset of the reference itself
     assert frechet_distance(*feature_stats(extract_features(extractor, inside)), *stats) < ref["fid_real_subset"]
+
+
+def test_peers_from_one_window_of_rounds():
+    """The fastest student configuration against torch eager and the fastest dense configuration, from known times."""
+    from deploykit.bench import Rounds
+    from deploykit.bench.peers import Config, peers
+
+    configs = [Config("torch-cpu", "teacher", "fp32"), Config("torch-cpu", "student", "fp32"),
+               Config("onnxruntime-cpu", "teacher", "fp32"), Config("onnxruntime-cpu", "student", "fp32"),
+               Config("onnxruntime-cpu", "teacher-int8", "int8"), Config("onnxruntime-cpu", "student-int8", "int8")]
+    seconds = [2.0, 0.9, 1.4, 0.6, 0.7, 0.3]  # per round; the second round runs 10% slower throughout
+    rounds = Rounds({c.key: [s, s * 1.1, s] for c, s in zip(configs, seconds)})
+    out = peers(rounds, configs, configs[0])
+    assert out["student"] == {"config": "onnxruntime-cpu int8", "model": "student-int8", "p50_ms": pytest.approx(300)}
+    eager, dense = out["vs_dense_torch_eager_fp32"], out["vs_fastest_dense"]
+    assert eager["config"] == "torch-cpu fp32" and eager["speedup"] == pytest.approx(2.0 / 0.3)
+    assert dense["config"] == "onnxruntime-cpu int8" and dense["speedup"] == pytest.approx(0.7 / 0.3)
+    assert dense["speedup_pair_median"] == pytest.approx(0.7 / 0.3)  # drift common to a round cancels
+    assert out["measured_p50_ms"]["dense"] == pytest.approx({"torch-cpu fp32": 2000, "onnxruntime-cpu fp32": 1400,
+                                                             "onnxruntime-cpu int8": 700})
+    assert "vs_dense_torch_eager_fp32" not in peers(rounds, configs[2:], None)
+
+
+def test_every_onnx_runtime_session_has_the_same_options(tmp_path, tiny_unet):
+    """One place configures ONNX Runtime: the bench's and runtime's backend and the checks' sessions alike
+    do not spin idle threads, and use the same number of threads as the other CPU backends."""
+    from deploykit.export import export_unet
+    from deploykit.models.inputs import example_unet_inputs
+    from deploykit.onnxtools import ort_session
+    from deploykit.runtime import OnnxRuntimeBackend, cpu_threads
+
+    path = tmp_path / "unet" / "model.onnx"
+    export_unet(tiny_unet, path, example_unet_inputs(tiny_unet, 2))
+    for session in (OnnxRuntimeBackend(path).session, ort_session(path)):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+        assert options.intra_op_num_threads == cpu_threads()

@@ -1,5 +1,13 @@
 """Measurement: latency (interleaved, paired), the machine it ran on, and the roofline model beside it."""
 
-from deploykit.bench.latency import Latency, PairedLatency, measure_group, measure_group_against, measure_pair
+from deploykit.bench.latency import (
+    Latency,
+    PairedLatency,
+    Rounds,
+    measure_group,
+    measure_group_against,
+    measure_pair,
+    measure_rounds,
+)
 
-__all__ = ["Latency", "PairedLatency", "measure_group", "measure_group_against", "measure_pair"]
+__all__ = ["Latency", "PairedLatency", "Rounds", "measure_group", "measure_group_against", "measure_pair", "measure_rounds"]

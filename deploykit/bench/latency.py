@@ -66,8 +66,27 @@ def measure_pair(teacher: Callable[[], object], student: Callable[[], object], w
     return PairedLatency(t, s, t.p50_ms / s.p50_ms, pair)
 
 
-def _group_times(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
-                 progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+@dataclass
+class Rounds:
+    """Call times of several models timed round-robin in one window, in seconds, one entry per round."""
+
+    times: dict[str, list[float]]
+
+    def latency(self, name: str) -> Latency:
+        return Latency.from_seconds(self.times[name])
+
+    def ratio_median(self, reference: str, name: str) -> float:
+        """Median over rounds of ``reference`` time / ``name`` time: a speedup that drift between rounds cannot move."""
+        return statistics.median(a / b for a, b in zip(self.times[reference], self.times[name]))
+
+
+def measure_rounds(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
+                   progress: Callable[[int], None] | None = None) -> Rounds:
+    """Time several models round-robin in one window; each round starts one model later.
+
+    The pairwise version of this is :func:`measure_pair`; here any number of variants (dense,
+    pruned, INT8, on several backends) share the same drift.
+    """
     names = list(calls)
     for _ in range(warmup):
         for name in names:
@@ -79,23 +98,19 @@ def _group_times(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
             times[name].append(_time_call(calls[name]))
         if progress:
             progress(1)
-    return times
+    return Rounds(times)
 
 
 def measure_group(calls: dict[str, Callable[[], object]], warmup: int, runs: int,
                   progress: Callable[[int], None] | None = None) -> dict[str, Latency]:
-    """Time several models round-robin in one window; each round starts one model later.
-
-    The pairwise version of this is :func:`measure_pair`; here any number of variants (dense,
-    pruned to 50%, pruned to 30%, ...) share the same drift.
-    """
-    return {name: Latency.from_seconds(t) for name, t in _group_times(calls, warmup, runs, progress).items()}
+    """:func:`measure_rounds`, as one :class:`Latency` per model."""
+    rounds = measure_rounds(calls, warmup, runs, progress)
+    return {name: rounds.latency(name) for name in calls}
 
 
 def measure_group_against(calls: dict[str, Callable[[], object]], reference: str, warmup: int, runs: int,
                           progress: Callable[[int], None] | None = None) -> tuple[dict[str, Latency], dict[str, float]]:
     """:func:`measure_group`, plus for each model the median over rounds of ``reference`` time / its time
     (the drift check :func:`measure_pair` reports as ``speedup_pair_median``)."""
-    times = _group_times(calls, warmup, runs, progress)
-    ratios = {name: statistics.median(a / b for a, b in zip(times[reference], t)) for name, t in times.items()}
-    return {name: Latency.from_seconds(t) for name, t in times.items()}, ratios
+    rounds = measure_rounds(calls, warmup, runs, progress)
+    return {n: rounds.latency(n) for n in calls}, {n: rounds.ratio_median(reference, n) for n in calls}

@@ -1,22 +1,18 @@
-"""ONNX Runtime sessions for checks (not for latency measurements: see deploykit.runtime.backends)."""
+"""ONNX Runtime sessions for checks, with the options every deploykit session uses
+(:func:`deploykit.runtime.backends.ort_session_options`: same threads, no idle spinning)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from deploykit.runtime.backends import ort_session_options
+
 
 def ort_session(onnx_path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for checks: logs errors only (its optimisers warn a lot on diffusers
-    graphs) and does not spin idle threads. Not for latency measurements."""
+    """An ONNX Runtime CPU session that logs errors only (its optimisers warn a lot on diffusers graphs)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # idle ONNX Runtime threads spin by default, which starves torch running beside it in a comparison
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), ort_session_options(threads, quiet=True), providers=["CPUExecutionProvider"])
 
 
 def ort_runner(onnx_path: str | Path, name: str | None = None):

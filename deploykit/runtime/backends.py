@@ -1,9 +1,14 @@
-"""Backends that evaluate a UNet: one call signature, ``(*unet_inputs) -> predicted noise``.
+"""Backends that evaluate a model: one call signature, ``(*inputs) -> first output``.
 
-The inputs are positional, in the order of the UNet's description (:mod:`deploykit.models.io_spec`): ``sample``,
-``timestep``, and for SD UNets ``encoder_hidden_states``, for SDXL ``text_embeds``, ``time_ids``.
-Names follow the report: ``torch-cpu``, ``torch-cuda``, ``onnxruntime-cpu``, ``onnxruntime-cuda``
-(``tensorrt`` plugs in the same way where it is installed).
+For a UNet the inputs are positional, in the order of its description (:mod:`deploykit.models.io_spec`):
+``sample``, ``timestep``, and for SD UNets ``encoder_hidden_states``, for SDXL ``text_embeds``, ``time_ids``.
+Names follow the report: ``torch-cpu``, ``torch-cuda``, ``onnxruntime-cpu``, ``onnxruntime-cuda``,
+``openvino-cpu`` (``tensorrt`` plugs in the same way where it is installed). The ONNX backends
+(:func:`onnx_backend`) read the same exported graphs, fp32 or INT8 QDQ.
+
+Every CPU backend uses the same number of threads (:func:`cpu_threads`), and ONNX Runtime sessions
+are configured in one place (:func:`ort_session_options`), for the bench, the runtime, eval and the
+checks alike.
 """
 
 from __future__ import annotations
@@ -53,26 +58,75 @@ class TorchBackend:
         return out
 
 
-class OnnxRuntimeBackend:
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+def ort_session_options(threads: int | None = None, quiet: bool = False):
+    """ONNX Runtime session options, the one place they are made.
 
-        providers = providers or ["CPUExecutionProvider"]
-        self.name = "onnxruntime-cpu" if providers == ["CPUExecutionProvider"] else "onnxruntime-cuda"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or cpu_threads()
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        self.inputs = [(i.name, _ORT_TYPES.get(i.type, np.float32), len(i.shape)) for i in self.session.get_inputs()]
+    Idle threads do not spin (intra- and inter-op): ONNX Runtime's default spinning keeps every
+    session's pool busy-waiting after a call, so with several sessions timed round-robin (fp32 and
+    INT8, teacher and student) the idle ones take cores from the one being timed, and torch or
+    OpenVINO running beside it lose them too (benchmarks/results/ort_spinning.md measures it).
+    ``quiet``: log errors only (the graph optimisers warn a lot on diffusers graphs).
+    """
+    import onnxruntime as ort
 
-    def run_numpy(self, *inputs: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or cpu_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if quiet:
+        options.log_severity_level = 3
+    return options
+
+
+class GraphBackend:
+    """An ONNX graph in some runtime: numpy feeds built from the graph's own input names and types."""
+
+    name: str
+    inputs: list[tuple[str, type, int]]  # (name, numpy dtype, rank)
+
+    def feed(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         feed = {}
         for (name, dtype, rank), x in zip(self.inputs, inputs):
             x = np.asarray(x)
             if rank == 0 and x.ndim == 1:  # optimum's SD UNets take one timestep for the whole batch
                 x = x[0]
             feed[name] = np.array(x, dtype=dtype)
-        return self.session.run(None, feed)[0]
+        return feed
+
+    def run_numpy(self, *inputs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.run_numpy(*(x.numpy() for x in inputs)).astype(np.float32, copy=False))
+
+
+class OnnxRuntimeBackend(GraphBackend):
+    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 options=None):
+        """``options``: session options in place of :func:`ort_session_options` (for experiments on them)."""
+        import onnxruntime as ort
+
+        providers = providers or ["CPUExecutionProvider"]
+        self.name = "onnxruntime-cpu" if providers == ["CPUExecutionProvider"] else "onnxruntime-cuda"
+        self.session = ort.InferenceSession(str(onnx_path), options or ort_session_options(threads), providers=providers)
+        self.inputs = [(i.name, _ORT_TYPES.get(i.type, np.float32), len(i.shape)) for i in self.session.get_inputs()]
+
+    def run_numpy(self, *inputs: np.ndarray) -> np.ndarray:
+        return self.session.run(None, self.feed(*inputs))[0]
+
+
+ONNX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu")
+
+
+def onnx_backend(name: str, onnx_path: str | Path, cache_dir: str | Path | None = None) -> GraphBackend:
+    """The ONNX graph at ``onnx_path`` on backend ``name`` (one of :data:`ONNX_BACKENDS`); ``cache_dir``:
+    where OpenVINO keeps the compiled model (None: compiled anew)."""
+    if name == "openvino-cpu":
+        from deploykit.runtime.openvino import OpenVINOBackend
+
+        return OpenVINOBackend(onnx_path, cache_dir=cache_dir)
+    if name not in ONNX_BACKENDS:
+        raise ValueError(f"{name} does not run ONNX graphs (known: {', '.join(ONNX_BACKENDS)})")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
+    return OnnxRuntimeBackend(onnx_path, providers)

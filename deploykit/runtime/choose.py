@@ -1,8 +1,10 @@
 """Which backend runs an artifact: the fastest one this machine and this artifact both have.
 
-Order of preference: TensorRT, ONNX Runtime CUDA, torch CUDA, ONNX Runtime CPU, torch CPU. ONNX
-Runtime comes before torch on each device because it ran the same UNets faster in our measurements
-(about 1.6x for the SD1.5 UNet on CPU); TensorRT first because it is built for the device.
+Order of preference: TensorRT, ONNX Runtime CUDA, torch CUDA, ONNX Runtime CPU, OpenVINO CPU, torch
+CPU. ONNX Runtime comes before torch on each device because it ran the same UNets faster in our
+measurements (about 1.6x for the SD1.5 UNet on CPU); TensorRT first because it is built for the
+device. OpenVINO (an optional extra) is chosen only when asked for: in fp32 it ran the SD1.5 UNet
+at ONNX Runtime's speed on this project's machines (docs/cpu.md), and ONNX Runtime is always installed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 from deploykit.errors import InputError
 
-PREFERENCE = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu", "torch-cpu")
+PREFERENCE = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu", "openvino-cpu", "torch-cpu")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ def unavailable_reason(name: str, parts: ArtifactParts) -> str | None:
         if name == "onnxruntime-cuda" and "CUDAExecutionProvider" not in providers:
             return "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"
         return None
+    if name == "openvino-cpu":
+        if not parts.onnx:
+            return "the artifact has no ONNX export (add an export stage to the recipe)"
+        from deploykit.runtime.openvino import openvino_missing
+
+        return openvino_missing()
     if name == "torch-cuda":
         return None if _cuda() else "torch sees no CUDA device"
     if name == "torch-cpu":

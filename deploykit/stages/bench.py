@@ -1,31 +1,37 @@
-"""bench: teacher and student latency per backend, interleaved in one run on the same inputs.
+"""bench: teacher and student latency on every backend, round-robin in one window on the same inputs.
 
 Per UNet call at the recipe's batch (SD: batch 2, the two halves of classifier-free guidance), and
-for SD pipelines optionally end to end: text encoding, N steps, VAE decode. On torch-cuda a 2:4
-student runs its masked layers on cuSPARSELt (``semi_structured``); CPU backends have no 2:4
-kernels and run the same zeros densely.
+for SD pipelines optionally end to end, component by component: text encoding, N UNet steps with
+guidance, VAE decode, each timed through :mod:`deploykit.runtime`'s SD model (the code every backend
+serves with). On torch-cuda a 2:4 student runs its masked layers on cuSPARSELt
+(``semi_structured``); CPU backends have no 2:4 kernels and run the same zeros densely.
 
-When a quantize stage ran, ``onnxruntime-cpu`` times the INT8 graphs (``teacher-int8``,
-``student-int8``) round-robin with the fp32 teacher and student in the same window; their speedups are
-taken against the fp32 dense teacher.
+Every backend's models are timed in the same window, so that ratios across backends are as honest
+as those within one. When a quantize stage ran, the ONNX backends (``onnxruntime-cpu``,
+``openvino-cpu``) also time the INT8 graphs (``teacher-int8``, ``student-int8``); their speedups are
+taken against the fp32 dense teacher on the same backend. ``peers`` sets the fastest student
+configuration against the dense teacher in torch eager and the fastest dense configuration
+(:mod:`deploykit.bench.peers`).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import time
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from deploykit.bench import measure_group_against, measure_pair
+from deploykit.bench import Latency, Rounds, measure_rounds
 from deploykit.bench.machine import device_info
+from deploykit.bench.peers import Config, peers
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
 from deploykit.models import count_macs, count_params, load_model
-from deploykit.runtime import OnnxRuntimeBackend, TorchBackend, cpu_threads
+from deploykit.runtime import TorchBackend, cpu_threads
+from deploykit.runtime.backends import ONNX_BACKENDS, onnx_backend
 from deploykit.sparsity import MASKS_FILE
 from deploykit.stages.base import (
     MODEL_PACKAGES,
@@ -40,14 +46,14 @@ from deploykit.stages.base import (
     StrictModel,
 )
 from deploykit.stages.bounds import BatchSize, Runs, SamplingSteps, Warmup
-from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.stages.data import example_inputs, is_pipeline, teacher_meta
 from deploykit.stages.footprint import Demand, Footprint
 from deploykit.targets import JETSON_TARGETS, ON_DEVICE
 
 ROLES = ("teacher", "student")
-Backend = Literal["torch-cpu", "onnxruntime-cpu", "torch-cuda", "onnxruntime-cuda"]
+Backend = Literal["torch-cpu", "onnxruntime-cpu", "openvino-cpu", "torch-cuda", "onnxruntime-cuda"]
 # Backends a bench stage may time on the build machine for a Jetson target (the device is timed remotely)
-JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+JETSON_LOCAL_BACKENDS = ("torch-cpu", "onnxruntime-cpu", "openvino-cpu")
 
 
 class EndToEnd(StrictModel):
@@ -58,6 +64,7 @@ class EndToEnd(StrictModel):
     warmup: int = Field(1, ge=0, le=100)
     prompt: str = Field("a photograph of an astronaut riding a horse", max_length=1000)
     guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
+    scheduler: Literal["ddim", "dpm-solver++", "euler"] = "ddim"
 
 
 class BenchStage(StageConfig):
@@ -73,7 +80,7 @@ class BenchStage(StageConfig):
                                                     "(false: the same zeros through dense kernels)")
     warmup: Warmup = 10
     runs: Runs = 50
-    end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines)")
+    end_to_end: EndToEnd | None = Field(None, description="also time whole generations (SD pipelines), component by component")
     estimate: bool = Field(False, description="put a roofline estimate beside each measurement (deploykit.bench.roofline; "
                                               "CPU peaks measured on the spot, GPU peaks from the data sheet)")
 
@@ -105,13 +112,18 @@ def check(cfg: BenchStage, recipe) -> None:
 
 def memory(cfg: BenchStage, fp: Footprint) -> list[Demand]:
     batch = cfg.batch_size or (2 if fp.pipeline else 32)
-    onnx = any(b.startswith("onnxruntime") for b in cfg.backends)
+    onnx = any(b.startswith(("onnxruntime", "openvino")) for b in cfg.backends)
     return [Demand("bench.batch_size x resolution", fp.unet_call(batch, materialized_attention=onnx),
-                   "a timed UNet call" + (", in ONNX Runtime" if onnx else "")),
+                   "a timed UNet call" + (", in an ONNX runtime" if onnx else "")),
             Demand("bench.end_to_end x resolution", fp.vae_decode() if cfg.end_to_end else 0, "decoding an image")]
 
 
 def preflight(cfg: BenchStage, pf: Preflight) -> None:
+    if "openvino-cpu" in cfg.backends:  # an optional extra: said before anything is built
+        try:
+            _check_device("openvino-cpu")
+        except InputError as e:
+            raise InputError(f"{pf.where}: {e}") from None
     if cfg.end_to_end is not None and pf.teacher_kind != "pipeline":
         raise InputError(f"{pf.where}: bench.end_to_end times SD pipelines; teacher {pf.recipe.teacher} is a "
                          "pixel-space UNet")
@@ -119,7 +131,7 @@ def preflight(cfg: BenchStage, pf: Preflight) -> None:
 
 def _onnx_dir(ctx: StageContext, role: str, fp16: bool):
     if "onnx" not in ctx.inputs:
-        raise InputError("bench: onnxruntime backends need an export stage before bench")
+        raise InputError("bench: ONNX backends need an export stage before bench")
     folder = ctx.inputs["onnx"] / (f"{role}-fp16" if fp16 else role)
     if not folder.is_dir():
         raise InputError(f"bench: no {'fp16 ' if fp16 else ''}ONNX export of the {role} (set export.fp16: true)")
@@ -135,6 +147,12 @@ def _check_device(name: str) -> None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise InputError("bench backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
                              "(install onnxruntime-gpu)")
+    if name == "openvino-cpu":
+        from deploykit.runtime.openvino import openvino_missing
+
+        missing = openvino_missing()
+        if missing:
+            raise InputError(f"bench backend openvino-cpu: {missing}")
 
 
 def _semi_structured_student(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
@@ -150,7 +168,21 @@ def _semi_structured_student(ctx: StageContext, model: torch.nn.Module, dtype: t
     return sparse, plan.as_dict()
 
 
-def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool, result: dict) -> list:
+def _int8_folders(ctx: StageContext) -> dict[str, object]:
+    """``teacher-int8`` / ``student-int8`` -> the quantize stage's folder for that role (SD: a whole pipeline)."""
+    if "onnx_int8" not in ctx.inputs:
+        return {}
+    folders = {f"{r}-int8": ctx.inputs["onnx_int8"] / r for r in ROLES}
+    return {name: f for name, f in folders.items() if (f / "unet" / "model.onnx").is_file()}
+
+
+def _configs(name: str, precision: str, int8: dict) -> list[Config]:
+    models = list(ROLES) + (list(int8) if name in ONNX_BACKENDS else [])
+    return [Config(name, m, "int8" if m.endswith("-int8") else precision) for m in models]
+
+
+def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool, int8: dict, result: dict) -> dict:
+    """Model name -> a UNet call on backend ``name``: teacher and student, and on ONNX backends the INT8 graphs."""
     cfg = ctx.config
     if name.startswith("torch-"):
         device = "cuda" if name == "torch-cuda" else "cpu"
@@ -158,66 +190,129 @@ def _step_backends(name: str, ctx: StageContext, models: dict, fp16: bool, resul
         student = models["student"]
         if name == "torch-cuda" and cfg.semi_structured and (ctx.inputs["student"] / "model" / MASKS_FILE).is_file():
             student, result["semi_structured"] = _semi_structured_student(ctx, student, dtype)
-        return [TorchBackend(models["teacher"], device, dtype, compile=cfg.compile),
-                TorchBackend(student, device, dtype, compile=cfg.compile)]
-    providers = ["CUDAExecutionProvider"] if name == "onnxruntime-cuda" else ["CPUExecutionProvider"]
-    return [OnnxRuntimeBackend(_onnx_dir(ctx, r, fp16) / "unet" / "model.onnx", providers) for r in ROLES]
+        return {"teacher": TorchBackend(models["teacher"], device, dtype, compile=cfg.compile),
+                "student": TorchBackend(student, device, dtype, compile=cfg.compile)}
+    graphs = {r: _onnx_dir(ctx, r, fp16) for r in ROLES} | int8
+    return {m: onnx_backend(name, folder / "unet" / "model.onnx") for m, folder in graphs.items()}
 
 
-def _end_to_end_callables(name: str, ctx: StageContext, models: dict, meta: dict, fp16: bool) -> list[Callable]:
-    e2e, side = ctx.config.end_to_end, meta["resolution"]
-    kwargs = {"num_inference_steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "height": side, "width": side,
-              "output_type": "np"}
+def _backend_record(rounds: Rounds, configs: list[Config]) -> dict:
+    """One backend's figures from the shared window: teacher, student, speedup, and its INT8 graphs."""
+    key = {c.model: c.key for c in configs}
+    t = rounds.latency(key["teacher"])
+    s = rounds.latency(key["student"])
+    record = {"teacher": t.__dict__, "student": s.__dict__, "speedup": t.p50_ms / s.p50_ms,
+              "speedup_pair_median": rounds.ratio_median(key["teacher"], key["student"])}
+    int8 = {m: rounds.latency(k) for m, k in key.items() if m.endswith("-int8")}
+    if int8:
+        record["int8"] = {m: {**lat.__dict__, "speedup_vs_teacher": t.p50_ms / lat.p50_ms,
+                              "speedup_vs_teacher_pair_median": rounds.ratio_median(key["teacher"], key[m])}
+                          for m, lat in int8.items()}
+    return record
+
+
+def _eager(cfg: BenchStage, configs: list[Config]) -> Config | None:
+    """The dense teacher in torch eager, where it was timed (not under ``compile``)."""
+    if cfg.compile:
+        return None
+    return next((c for c in configs if c.backend.startswith("torch-") and c.model == "teacher"), None)
+
+
+class _Timed:
+    """A component call that adds up the seconds it took (reset per generation)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args):
+        started = time.perf_counter()
+        out = self.fn(*args)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def _sd_models(name: str, ctx: StageContext, models: dict, meta: dict, fp16: bool, int8: dict) -> dict:
+    """Model name -> the runtime's SD model on backend ``name``: the student's own components (its ONNX
+    pipeline folder; for torch, the teacher's text encoder and VAE unless :func:`_student_vae` gives one)."""
+    from deploykit.runtime.models import SDModel, onnx_sd_components, torch_call, torch_sd_components
+
+    unet_config = dict(models["teacher"].config)
     if name.startswith("torch-"):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
         device = "cuda" if name == "torch-cuda" else "cpu"
-        pipes = [load_teacher_pipeline(ctx.inputs["teacher"], models[r]).to(device, torch.float16 if fp16 else torch.float32)
-                 for r in ROLES]
+        dtype = torch.float16 if fp16 else torch.float32
+        pipeline = ctx.inputs["teacher"] / "pipeline"
+        # one text encoder and VAE for both: they are the same weights
+        text = CLIPTextModel.from_pretrained(pipeline / "text_encoder", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(pipeline / "vae", use_safetensors=True)
+        components = {r: torch_sd_components(pipeline, torch_call(models[r], device, dtype), device, text_encoder=text,
+                                             vae=(_student_vae(ctx) or vae) if r == "student" else vae) for r in ROLES}
     else:
-        from optimum.onnxruntime import ORTDiffusionPipeline
-
-        provider = "CUDAExecutionProvider" if name == "onnxruntime-cuda" else "CPUExecutionProvider"
-        pipes = [ORTDiffusionPipeline.from_pretrained(_onnx_dir(ctx, r, fp16), provider=provider) for r in ROLES]
-    for p in pipes:
-        p.set_progress_bar_config(disable=True)
-
-    def generate(pipe) -> Callable:
-        def call():
-            with warnings.catch_warnings():  # optimum's ORT wrappers trip diffusers' deprecation notices
-                warnings.simplefilter("ignore", FutureWarning)
-                out = pipe(e2e.prompt, generator=torch.Generator().manual_seed(ctx.seed), **kwargs).images
-            if name == "torch-cuda":
-                torch.cuda.synchronize()
-            return out
-        return call
-
-    return [generate(p) for p in pipes]
+        folders = {r: _onnx_dir(ctx, r, fp16) for r in ROLES}
+        # an INT8 model is its role's fp32 pipeline with the INT8 UNet
+        unets = {r: folders[r] for r in ROLES} | int8
+        components = {m: onnx_sd_components(folders[m.removesuffix("-int8")], lambda c, m=m: onnx_backend(
+            name, (unets[m] if c == "unet" else folders[m.removesuffix("-int8")]) / c / "model.onnx")) for m in unets}
+    return {m: SDModel(c, unet_config, meta["scheduler_config"], meta["resolution"]) for m, c in components.items()}
 
 
-def _int8_graphs(ctx: StageContext) -> dict[str, object]:
-    if "onnx_int8" not in ctx.inputs:
-        return {}
-    paths = {f"{r}-int8": ctx.inputs["onnx_int8"] / r / "unet" / "model.onnx" for r in ROLES}
-    return {name: p for name, p in paths.items() if p.is_file()}
+def _student_vae(ctx: StageContext):
+    """The student's own VAE decoder for the torch path, where a stage shrank it; None: the teacher's.
+
+    The hook a VAE-decoder stage plugs into (a ``student.vae_decoder`` role with a diffusers VAE); until one
+    is wired, torch runs the teacher's decoder and the ONNX backends whatever the student's folder holds."""
+    return None
 
 
-def _group_record(ctx: StageContext, name: str, teacher, student, int8: dict, inputs) -> dict:
-    """fp32 teacher and student and the INT8 graphs, round-robin in one window."""
-    cfg = ctx.config
-    calls = {"teacher": lambda: teacher(*inputs), "student": lambda: student(*inputs)}
-    backends = {k: OnnxRuntimeBackend(p) for k, p in int8.items()}
-    calls.update({k: (lambda b=b: b(*inputs)) for k, b in backends.items()})
-    with ctx.progress(f"{name} teacher vs student, fp32 and INT8", cfg.runs) as advance:
-        latency, ratios = measure_group_against(calls, "teacher", cfg.warmup, cfg.runs, advance)
-    t = latency["teacher"].p50_ms
-    return {"teacher": latency["teacher"].__dict__, "student": latency["student"].__dict__,
-            "speedup": t / latency["student"].p50_ms, "speedup_pair_median": ratios["student"],
-            "int8": {k: {**latency[k].__dict__, "speedup_vs_teacher": t / latency[k].p50_ms,
-                         "speedup_vs_teacher_pair_median": ratios[k]} for k in backends}}
+def _generation(model, e2e: EndToEnd, seed: int, log: list) -> Callable[[], object]:
+    """One image from ``model``, each component's seconds appended to ``log``."""
+    timed = {c: _Timed(getattr(model, c)) for c in COMPONENTS}
+    for c, t in timed.items():
+        setattr(model, c, t)
+    noise = torch.randn(1, *model.latent_shape(model.size, model.size), generator=torch.Generator().manual_seed(seed))
+
+    def call():
+        for t in timed.values():
+            t.seconds = 0.0
+        out = model.generate(noise, e2e.scheduler, e2e.steps, prompts=[e2e.prompt], negative_prompts=[""],
+                             guidance_scale=e2e.guidance_scale)
+        log.append({c: t.seconds for c, t in timed.items()})
+        return out
+    return call
 
 
-def _pair_record(pair) -> dict:
-    return {"teacher": pair.teacher.__dict__, "student": pair.student.__dict__,
-            "speedup": pair.speedup, "speedup_pair_median": pair.speedup_pair_median}
+def _end_to_end(ctx: StageContext, models: dict, meta: dict, fp16: bool, int8: dict) -> dict:
+    """Whole generations, every backend's models round-robin in one window, timed component by component."""
+    cfg, e2e = ctx.config, ctx.config.end_to_end
+    calls, logs, configs = {}, {}, {}
+    for name in cfg.backends:
+        for model_name, model in _sd_models(name, ctx, models, meta, fp16, int8 if name in ONNX_BACKENDS else {}).items():
+            key = f"{name} {model_name}"
+            logs[key] = []
+            calls[key] = _generation(model, e2e, ctx.seed, logs[key])
+            configs.setdefault(name, []).append(model_name)
+    with ctx.progress("end to end, every backend in one window", e2e.runs) as advance:
+        rounds = measure_rounds(calls, e2e.warmup, e2e.runs, advance)
+    result = {"steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "prompt": e2e.prompt,
+              "scheduler": e2e.scheduler, "images": 1, "backends": {}}
+    for name, model_names in configs.items():
+        record = _backend_record(rounds, [Config(name, m, "") for m in model_names])
+        for m in model_names:
+            parts = {c: Latency.from_seconds([entry[c] for entry in logs[f"{name} {m}"][-e2e.runs:]]).__dict__
+                     for c in COMPONENTS}
+            parts["unet_per_step"] = {k: (v / e2e.steps if k.endswith("_ms") else v) for k, v in parts["unet"].items()}
+            (record[m] if m in ROLES else record["int8"][m])["components"] = parts
+        t, s = record["teacher"]["components"], record["student"]["components"]
+        record["speedup_by_component"] = {c: t[c]["p50_ms"] / s[c]["p50_ms"] for c in COMPONENTS}
+        result["backends"][name] = record
+        ctx.console.print(f"  {name} end to end ({e2e.steps} steps): teacher {record['teacher']['p50_ms'] / 1e3:.2f} s, "
+                          f"student {record['student']['p50_ms'] / 1e3:.2f} s -> {record['speedup']:.2f}x")
+    return result
 
 
 def roofline_estimates(backends: dict, models: dict, inputs, precision: str, gpu: str | None) -> dict:
@@ -266,41 +361,40 @@ def run(ctx: StageContext) -> dict:
         "precision": cfg.precision,
         "device": device_info(cuda=any(b.endswith("cuda") for b in cfg.backends)),
         "models": {role: {"params": count_params(m), "macs": count_macs(m, inputs)} for role, m in models.items()},
+        "window": "every backend's models round-robin in one window",
         "backends": {},
     }
     if pipeline:
         result["resolution"] = meta["resolution"]
-    int8 = _int8_graphs(ctx)
+    int8 = _int8_folders(ctx)
+    configs = {name: _configs(name, cfg.precision, int8) for name in cfg.backends}
+    calls = {}
     for name in cfg.backends:
-        teacher, student = _step_backends(name, ctx, models, fp16, result)
-        if name == "onnxruntime-cpu" and int8:
-            record = _group_record(ctx, name, teacher, student, int8, inputs)
-        else:
-            with ctx.progress(f"{name} teacher vs student", cfg.runs) as advance:
-                pair = measure_pair(lambda: teacher(*inputs), lambda: student(*inputs), cfg.warmup, cfg.runs, advance)
-            record = _pair_record(pair)
-        del teacher, student
-        result["backends"][name] = record
+        for model_name, backend in _step_backends(name, ctx, models, fp16, int8 if name in ONNX_BACKENDS else {},
+                                                  result).items():
+            calls[f"{name} {model_name}"] = lambda b=backend: b(*inputs)
+    with ctx.progress(f"{len(calls)} models on {len(cfg.backends)} backend(s), one window", cfg.runs) as advance:
+        rounds = measure_rounds(calls, cfg.warmup, cfg.runs, advance)
+    del calls
+    for name in cfg.backends:
+        record = result["backends"][name] = _backend_record(rounds, configs[name])
         ctx.console.print(f"  {name}: teacher p50 {record['teacher']['p50_ms']:.1f} ms, student p50 "
                           f"{record['student']['p50_ms']:.1f} ms -> {record['speedup']:.2f}x (UNet call, batch {batch}, "
                           f"{cfg.precision})")
         for k, v in record.get("int8", {}).items():
             ctx.console.print(f"  {name}: {k} p50 {v['p50_ms']:.1f} ms -> {v['speedup_vs_teacher']:.2f}x over the fp32 teacher")
+    every = [c for name in cfg.backends for c in configs[name]]
+    result["peers"] = peers(rounds, every, _eager(cfg, every))
+    best = result["peers"]
+    for k, v in best.items():
+        if k.startswith("vs_"):
+            ctx.console.print(f"  fastest student ({best['student']['config']}) {v['speedup']:.2f}x over {v['config']} "
+                              f"dense ({k})")
     if cfg.estimate:
         result["estimate"] = roofline_estimates(result["backends"], models, inputs, cfg.precision,
                                                 result["device"].get("gpu"))
     if cfg.end_to_end is not None:
-        e2e = cfg.end_to_end
-        result["end_to_end"] = {"steps": e2e.steps, "guidance_scale": e2e.guidance_scale, "prompt": e2e.prompt,
-                                "images": 1, "backends": {}}
-        for name in cfg.backends:
-            teacher, student = _end_to_end_callables(name, ctx, models, meta, fp16)
-            with ctx.progress(f"{name} end to end", e2e.runs) as advance:
-                pair = measure_pair(teacher, student, e2e.warmup, e2e.runs, advance)
-            del teacher, student
-            result["end_to_end"]["backends"][name] = _pair_record(pair)
-            ctx.console.print(f"  {name} end to end ({e2e.steps} steps): teacher {pair.teacher.p50_ms / 1e3:.2f} s, "
-                              f"student {pair.student.p50_ms / 1e3:.2f} s -> {pair.speedup:.2f}x")
+        result["end_to_end"] = _end_to_end(ctx, models, meta, fp16, int8)
     atomic_write_json(ctx.out / "bench.json", result)
     return {name: v["speedup"] for name, v in result["backends"].items()}
 
@@ -333,15 +427,29 @@ def report_section(ctx: ReportContext) -> dict:
     if "end_to_end" in bench:
         e2e = bench["end_to_end"]
         out["end_to_end"] = {
-            **{k: e2e[k] for k in ("steps", "guidance_scale", "prompt")},
-            "backends": {b: {"teacher_p50_ms": v["teacher"]["p50_ms"], "student_p50_ms": v["student"]["p50_ms"],
-                             "speedup": v["speedup"], "runs": v["teacher"]["runs"]} for b, v in e2e["backends"].items()}}
+            **{k: e2e[k] for k in ("steps", "guidance_scale", "prompt") + (("scheduler",) if "scheduler" in e2e else ())},
+            "backends": {b: _end_to_end_entry(v) for b, v in e2e["backends"].items()}}
     if "semi_structured" in bench:
         out["sparsity"] = {"torch_cuda": {k: bench["semi_structured"][k] for k in ("backend", "dtype", "converted", "skipped")}}
     if "estimate" in bench:
         out["estimate"] = bench["estimate"]
+    if "peers" in bench:
+        out["peers"] = bench["peers"]
     out.update(_int8_speedups(bench))
     return out
+
+
+def _end_to_end_entry(record: dict) -> dict:
+    """One backend's whole generations: totals, speedup, and each model's p50 per component."""
+    entry = {"teacher_p50_ms": record["teacher"]["p50_ms"], "student_p50_ms": record["student"]["p50_ms"],
+             "speedup": record["speedup"], "runs": record["teacher"]["runs"]}
+    models = {m: record[m] for m in ROLES} | record.get("int8", {})
+    if all("components" in v for v in models.values()):
+        entry["p50_ms"] = {m: {"total": v["p50_ms"], **{c: part["p50_ms"] for c, part in v["components"].items()}}
+                           for m, v in models.items()}
+        entry["speedup_by_component"] = record["speedup_by_component"]
+        entry.update({f"{m}_speedup_vs_teacher": v["speedup_vs_teacher"] for m, v in record.get("int8", {}).items()})
+    return entry
 
 
 def _int8_speedups(bench: dict) -> dict:
@@ -369,13 +477,10 @@ def markdown_rows(report: dict) -> Markdown | None:
                             + (f" ({report['resolution']}x{report['resolution']} images)" if "resolution" in report else "")
                             + f", {where}; teacher and student interleaved in one run. MACs {report.get('macs_note', '')}.")
         rows.figures.append("![latency](plots/latency.png)")
+    if "peers" in report:
+        rows.body += _peer_rows(report["peers"])
     if "end_to_end" in report:
-        e = report["end_to_end"]
-        rows.body += [f"End to end (text encoding, {e['steps']} steps at guidance {e['guidance_scale']}, VAE decode; one image):",
-                      "", "| backend | teacher p50 s | student p50 s | speedup |", "|---|---|---|---|"]
-        rows.body += [f"| {name} | {v['teacher_p50_ms'] / 1e3:.2f} | {v['student_p50_ms'] / 1e3:.2f} | **{v['speedup']:.2f}x** |"
-                      for name, v in e["backends"].items()]
-        rows.body.append("")
+        rows.body += _end_to_end_rows(report["end_to_end"])
     if report.get("estimate"):  # (a remote bench adds its device's estimate beside its measurement)
         rows.body += ["Roofline estimate beside measurement (deploykit.bench.roofline; sum over ops of max(FLOPs / peak, "
                       "bytes / bandwidth)):", "",
@@ -390,6 +495,39 @@ def markdown_rows(report: dict) -> Markdown | None:
                           f"{e[role]['measured_over_estimate']:.2f}x | {peaks} |" for role in ROLES]
         rows.body.append("")
     return rows
+
+
+def _peer_rows(peers: dict) -> list[str]:
+    student = peers["student"]
+    lines = [f"Against what a user would run without deploykit (same window): the fastest student configuration, "
+             f"{student['model']} on {student['config']} ({student['p50_ms']:.1f} ms per UNet call), is", ""]
+    for key, v in peers.items():
+        if key.startswith("vs_"):
+            what = "the fastest dense configuration" if key == "vs_fastest_dense" else "the dense teacher in torch eager"
+            lines.append(f"- **{v['speedup']:.2f}x** over {what}, {v['config']} ({v['p50_ms']:.1f} ms; median of "
+                         f"per-round ratios {v['speedup_pair_median']:.2f}x)")
+    dense = ", ".join(f"{k} {ms:.1f}" for k, ms in peers["measured_p50_ms"]["dense"].items())
+    return lines + [f"- dense configurations measured, p50 ms: {dense}", ""]
+
+
+def _end_to_end_rows(e: dict) -> list[str]:
+    lines = [f"End to end, one image: text encoding, {e['steps']} UNet steps at guidance {e['guidance_scale']} "
+             f"(batch 2), VAE decode; every backend's models round-robin in one window:", ""]
+    if not all("p50_ms" in v for v in e["backends"].values()):  # a report written before components were timed
+        lines += ["| backend | teacher p50 s | student p50 s | speedup |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['teacher_p50_ms'] / 1e3:.2f} | {v['student_p50_ms'] / 1e3:.2f} | **{v['speedup']:.2f}x** |"
+                  for name, v in e["backends"].items()]
+        return lines + [""]
+    lines += ["| backend | model | text encoder ms | UNet per step ms | UNet, all steps s | VAE decode ms | total s | "
+              "vs teacher |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in e["backends"].items():
+        total = v["p50_ms"]["teacher"]["total"]
+        for m, p in v["p50_ms"].items():
+            lines.append(f"| {name} | {m} | {p['text_encoder']:.1f} | {p['unet_per_step']:.1f} | {p['unet'] / 1e3:.2f} | "
+                         f"{p['vae_decoder']:.1f} | {p['total'] / 1e3:.2f} | **{total / p['total']:.2f}x** |")
+    return lines + ["", "Speedup by component (teacher p50 / student p50): " + "; ".join(
+        f"{name}: " + ", ".join(f"{c} {x:.2f}x" for c, x in v["speedup_by_component"].items())
+        for name, v in e["backends"].items() if "speedup_by_component" in v), ""]
 
 
 def publish(ctx: PublishContext) -> None:

@@ -1,0 +1,56 @@
+"""The student set against what a user would run without deploykit.
+
+Beside the teacher-vs-student speedup of each backend, a build answers: how much faster is the
+fastest student configuration measured than (a) the dense teacher in torch eager, what users run by
+default, and (b) the fastest dense configuration measured in the same window, on any backend, fp32
+or INT8 (what the user could have had without pruning)? Every figure comes from one round-robin
+window (:func:`deploykit.bench.measure_rounds`), so the ratios share the drift of the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deploykit.bench.latency import Rounds
+
+
+@dataclass(frozen=True)
+class Config:
+    """One model on one backend in one precision, as timed in the window under :attr:`key`."""
+
+    backend: str
+    model: str      # teacher, student, teacher-int8, student-int8
+    precision: str  # fp32, fp16 or int8
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend} {self.model}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+    @property
+    def dense(self) -> bool:
+        return self.model.startswith("teacher")
+
+
+def _against(rounds: Rounds, student: Config, reference: Config) -> dict:
+    ref, mine = rounds.latency(reference.key), rounds.latency(student.key)
+    return {"config": reference.label, "p50_ms": ref.p50_ms, "speedup": ref.p50_ms / mine.p50_ms,
+            "speedup_pair_median": rounds.ratio_median(reference.key, student.key)}
+
+
+def peers(rounds: Rounds, configs: list[Config], eager: Config | None) -> dict:
+    """The fastest student configuration against ``eager`` (the dense teacher in torch eager; None where
+    torch was not timed eagerly) and against the fastest dense configuration; with every p50 measured."""
+    p50 = {c: rounds.latency(c.key).p50_ms for c in configs}
+    students = [c for c in configs if not c.dense]
+    dense = [c for c in configs if c.dense]
+    best = min(students, key=p50.__getitem__)
+    out: dict = {"student": {"config": best.label, "model": best.model, "p50_ms": p50[best]}}
+    if eager is not None:
+        out[f"vs_dense_torch_eager_{eager.precision}"] = _against(rounds, best, eager)
+    out["vs_fastest_dense"] = _against(rounds, best, min(dense, key=p50.__getitem__))
+    out["measured_p50_ms"] = {"dense": {c.label: p50[c] for c in dense}, "student": {c.label: p50[c] for c in students}}
+    return out
