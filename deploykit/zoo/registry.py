@@ -94,14 +94,15 @@ DIGITS_TINY = ZooEntry(
 
 @dataclass(frozen=True)
 class VaeTraining:
-    """The AutoencoderKL, trained first: L1 reconstruction plus a small KL term, as SD's VAE without its critic."""
+    """The AutoencoderKL, trained first: L1 reconstruction plus a small KL term (SD's VAE loss without its critic)."""
 
     images: int = 8000
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 50
     kl_weight: float = 1e-6
+    foreground_weight: float = 10.0  # L1 weight of shape pixels against background ones
     seed: int = 1
 
 
@@ -110,7 +111,7 @@ class PipelineTraining:
     """The text encoder and the UNet, trained jointly on the VAE's latents (epsilon prediction)."""
 
     images: int = 24000
-    steps: int = 4000
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -127,7 +128,7 @@ class AttributeTraining:
 
     images: int = 7000
     held_out: float = 0.15
-    epochs: int = 4
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 3e-3
     noise: float = 0.08  # augmentation: Gaussian pixel noise up to this std, so generated images read as well
