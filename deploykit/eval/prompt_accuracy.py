@@ -70,15 +70,17 @@ def render_prompts(prompts: list[str], seed: int) -> torch.Tensor:
     return render_many([parse_prompt(p) for p in prompts], seed)
 
 
-def fid_reference(classifier: AttributeClassifier, prompts: list[str]) -> dict:
+def fid_reference(classifier: AttributeClassifier, prompts: list[str], per_prompt: int = 4) -> dict:
     """FID statistics of rendered images for ``prompts``, and the real-image floor on a disjoint render.
 
-    Returns ``mu`` and ``sigma`` (the reference), and ``floor``: the FID of as many other rendered
-    images (seed :data:`FLOOR_SEED`) against them, the best a model can score with this many samples.
+    Returns ``mu`` and ``sigma`` of ``per_prompt`` renders of each prompt (seed :data:`REFERENCE_SEED`),
+    and ``floor``: the FID of one other render per prompt (seed :data:`FLOOR_SEED`, so none of the
+    reference's images) against them, the best that one generated image per prompt can score.
     """
-    mu, sigma = feature_stats(extract_features(classifier, render_prompts(prompts, REFERENCE_SEED)))
+    mu, sigma = feature_stats(extract_features(classifier, render_prompts(prompts * per_prompt, REFERENCE_SEED)))
     floor = frechet_distance(*feature_stats(extract_features(classifier, render_prompts(prompts, FLOOR_SEED))), mu, sigma)
-    return {"mu": mu, "sigma": sigma, "floor": floor, "images": len(prompts)}
+    return {"mu": mu, "sigma": sigma, "floor": floor, "reference_images": len(prompts) * per_prompt,
+            "floor_images": len(prompts)}
 
 
 def classifier_fid(classifier: AttributeClassifier, images: torch.Tensor, reference: dict) -> float:

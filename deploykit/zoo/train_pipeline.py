@@ -296,7 +296,8 @@ def save_pipeline(pipe, folder: Path) -> None:
 def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | None = None,
                          progress: Progress | None = None) -> dict:
     """Train everything for ``entry``; write the pipeline folder, the classifier and the card atomically."""
-    from deploykit.eval.prompt_accuracy import fid_reference, prompt_accuracy
+    from deploykit.eval.prompt_accuracy import (chance_accuracy, classifier_fid, fid_reference, prompt_accuracy,
+                                                shuffled_prompt_accuracy)
 
     teacher_cfg = entry.teacher if steps is None else PipelineTraining(**{**entry.settings()["teacher"], "steps": steps})
     clock = Clock()
@@ -307,7 +308,6 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
     try:
         classifier, classifier_accuracy = clock.part("classifier", train_attribute_classifier, entry.classifier, progress)
         images, attrs = clock.part("render", shapes.make_dataset, teacher_cfg.images, teacher_cfg.seed, held_out=False)
-        assert not any(a.held_out for a in attrs)
         vae, vae_losses = clock.part("vae", train_vae, entry, images[:entry.vae.images], entry.vae, progress)
         latents = clock.part("latents", encode_latents, vae, images)
         sampled = latents[0] + latents[1] * torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(0))
@@ -322,6 +322,7 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
         prompts = shapes.evaluation_prompts(entry.sampling.prompts_per_split, entry.sampling.seed)
         samples = clock.part("teacher_samples", generate, pipe, prompts, entry.sampling, entry.sampling.seed)
         accuracy = prompt_accuracy(classifier, samples, prompts)
+        shuffled = shuffled_prompt_accuracy(classifier, samples, prompts)
         reference = fid_reference(classifier, prompts)
         save_pipeline(pipe, tmp)
         save_attribute_classifier(classifier, tmp / CLASSIFIER_FILE)
@@ -343,9 +344,14 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
             "vae_final_loss_mean_last_100": round(float(np.mean(vae_losses[-100:])), 5),
             "final_loss_mean_last_100": round(float(np.mean(losses[-100:])), 5),
             "teacher_prompt_accuracy": {**_rounded(accuracy), "prompts": len(prompts), "images_per_prompt": 1,
-                                        "sampling": entry.sampling.__dict__},
-            "fid_reference": {"images": reference["images"], "floor": round(reference["floor"], 4),
-                              "features": f"attribute classifier, {classifier.num_features}-d penultimate layer"},
+                                        "sampling": entry.sampling.__dict__,
+                                        # the same images against shuffled prompts: what ignoring the prompt scores
+                                        "shuffled_prompts": round(shuffled["accuracy"], 4),
+                                        "chance": round(chance_accuracy(), 4)},
+            "fid": {"teacher": round(classifier_fid(classifier, samples, reference), 4),
+                    "real_floor": round(reference["floor"], 4), "reference_images": reference["reference_images"],
+                    "floor_images": reference["floor_images"],
+                    "features": f"attribute classifier, {classifier.num_features}-d penultimate layer"},
             "time": clock.summary(threads),
             "torch": torch.__version__,
             "command": f"deploykit zoo train {entry.name}" + ("" if steps is None else f" --steps {steps}"),
