@@ -22,6 +22,7 @@ from deploykit.zoo.shapes import ATTRIBUTES, Attributes, parse_prompt, render_ma
 
 REFERENCE_SEED = 1_000_003
 FLOOR_SEED = 2_000_003
+FID_REFERENCE_FILE = "fid_reference.safetensors"  # shipped beside the classifier: the statistics for the eval prompts
 
 
 def _scores(asked: list[Attributes], read: dict[str, list[str]]) -> dict:
@@ -86,3 +87,17 @@ def fid_reference(classifier: AttributeClassifier, prompts: list[str], per_promp
 def classifier_fid(classifier: AttributeClassifier, images: torch.Tensor, reference: dict) -> float:
     """FID of ``images`` on the classifier's penultimate features against :func:`fid_reference`'s statistics."""
     return frechet_distance(*feature_stats(extract_features(classifier, images)), reference["mu"], reference["sigma"])
+
+
+def save_fid_reference(reference: dict, path) -> None:
+    from deploykit.io import save_tensors
+
+    save_tensors(path, {"mu": torch.from_numpy(reference["mu"]), "sigma": torch.from_numpy(reference["sigma"])})
+
+
+def load_fid_reference(path) -> dict:
+    """The shipped statistics (float64 ``mu``, ``sigma``), as :func:`classifier_fid` takes them."""
+    from deploykit.io import load_tensors
+
+    tensors = load_tensors(path)
+    return {"mu": tensors["mu"].numpy(), "sigma": tensors["sigma"].numpy()}

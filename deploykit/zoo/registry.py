@@ -18,7 +18,7 @@ def weights_dir() -> Path:
 class TeacherTraining:
     """Settings of ``deploykit zoo train``; stored in the zoo card so a retrain is exact."""
 
-    steps: int = 2500
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -111,7 +111,7 @@ class PipelineTraining:
     """The text encoder and the UNet, trained jointly on the VAE's latents (epsilon prediction)."""
 
     images: int = 24000
-    steps: int = 2500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200

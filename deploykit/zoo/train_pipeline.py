@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from deploykit.eval.attributes import CLASSIFIER_FILE, AttributeClassifier, save_attribute_classifier
-from deploykit.io import atomic_write_json, make_temp_dir, replace_dir, save_tensors
+from deploykit.io import atomic_write_json, make_temp_dir, replace_dir
 from deploykit.zoo import shapes
 from deploykit.zoo.registry import AttributeTraining, PipelineTraining, PipelineZooEntry, Sampling, VaeTraining
 from deploykit.zoo.tokenizer import MAX_LENGTH, save_word_tokenizer
@@ -33,7 +33,6 @@ from deploykit.zoo.tokenizer import MAX_LENGTH, save_word_tokenizer
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
              "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
              "timestep_spacing": "leading"}
-FID_REFERENCE_FILE = "fid_reference.safetensors"
 
 
 class Clock:
@@ -296,8 +295,8 @@ def save_pipeline(pipe, folder: Path) -> None:
 def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | None = None,
                          progress: Progress | None = None) -> dict:
     """Train everything for ``entry``; write the pipeline folder, the classifier and the card atomically."""
-    from deploykit.eval.prompt_accuracy import (chance_accuracy, classifier_fid, fid_reference, prompt_accuracy,
-                                                shuffled_prompt_accuracy)
+    from deploykit.eval.prompt_accuracy import (FID_REFERENCE_FILE, chance_accuracy, classifier_fid, fid_reference,
+                                                prompt_accuracy, save_fid_reference, shuffled_prompt_accuracy)
 
     teacher_cfg = entry.teacher if steps is None else PipelineTraining(**{**entry.settings()["teacher"], "steps": steps})
     clock = Clock()
@@ -326,8 +325,7 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
         reference = fid_reference(classifier, prompts)
         save_pipeline(pipe, tmp)
         save_attribute_classifier(classifier, tmp / CLASSIFIER_FILE)
-        save_tensors(tmp / FID_REFERENCE_FILE, {"mu": torch.from_numpy(reference["mu"]),
-                                                "sigma": torch.from_numpy(reference["sigma"])})
+        save_fid_reference(reference, tmp / FID_REFERENCE_FILE)
         threads = torch.get_num_threads()
         card = {
             "name": entry.name, "description": entry.description, "dataset": entry.dataset, "kind": entry.kind,
