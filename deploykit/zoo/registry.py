@@ -18,7 +18,7 @@ def weights_dir() -> Path:
 class TeacherTraining:
     """Settings of ``deploykit zoo train``; stored in the zoo card so a retrain is exact."""
 
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
