@@ -84,7 +84,7 @@ def _cmd_zoo_list(args) -> int:
     from deploykit.zoo import ZOO
 
     for name, entry in ZOO.items():
-        trained = (entry.folder / "unet.safetensors").is_file()
+        trained = (entry.folder / "card.json").is_file()  # written last, for every kind of zoo teacher
         print(f"zoo:{name}\t{entry.description}\t{'trained' if trained else 'not trained'}")
     return 0
 
