@@ -19,11 +19,13 @@ console = Console(stderr=True, soft_wrap=True)
 
 def _cmd_build(args) -> int:
     from deploykit.recipe import load_recipe
-    from deploykit.runner import build
+    from deploykit.runner import build, skip_reasons
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("artifacts") / recipe.name
-    report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights)
+    skip = [name.strip() for item in args.skip for name in item.split(",") if name.strip()]
+    report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights,
+                   skip=skip_reasons(skip, args.random_weights), overrides=tuple(args.set))
     if report is None:  # a non-main process of `accelerate launch`: the main process reports
         return 0
     speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
@@ -170,6 +172,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="build the teacher's topology with random weights instead of loading it (measures speed, "
                         "never quality; the report says so)")
+    p.add_argument("--skip", action="append", default=[], metavar="STAGE[,STAGE]",
+                   help="do not run these stages of the recipe (e.g. distill,eval in a speed-only --random-weights "
+                        "build); the report and manifest say so, and a stage whose output a later stage needs is refused")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a recipe setting for this build: a top-level field (resolution=256) or a stage's "
+                        "(prune.round_to=4, bench.end_to_end.steps=2); VALUE is YAML; recorded in the manifest")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("inspect", help="show an artifact and verify every hash")

@@ -9,6 +9,7 @@ before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -121,7 +122,7 @@ def recipe_model() -> type[Recipe]:
     return _MODELS[key]
 
 
-def _format_errors(err: ValidationError, path: Path) -> str:
+def _format_errors(err: ValidationError, path: Path | str) -> str:
     lines = []
     for e in err.errors():
         loc = list(e["loc"])
@@ -145,7 +146,43 @@ def _format_errors(err: ValidationError, path: Path) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def apply_overrides(data: dict, overrides: Sequence[str], path: Path) -> dict:
+    """``KEY=VALUE`` settings from the command line (``deploykit build --set``) put into the recipe as loaded.
+
+    KEY is a top-level field (``resolution``) or a listed stage's field (``prune.round_to``,
+    ``bench.end_to_end.steps``); VALUE is read as YAML (``4``, ``true``, ``[a, b]``, ``null``). The result is
+    validated like the file itself, so a wrong key or value is the same one message.
+    """
+    stage_names = {spec.name for spec in _listed(STAGES)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item}: expected KEY=VALUE, e.g. --set prune.round_to=4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {item}: the value is not valid YAML: {e}") from None
+        parts = key.strip().split(".")
+        target: Any = data
+        if parts[0] in stage_names:
+            target = next((s for s in data.get("stages") or [] if isinstance(s, dict) and s.get("stage") == parts[0]), None)
+            if target is None:
+                raise InputError(f"--set {key}: {path} has no {parts[0]} stage to set it in")
+            parts = parts[1:]
+        elif parts[0] == "stages":
+            raise InputError(f"--set {key}: set a stage's field by the stage's name, e.g. --set prune.round_to=4")
+        if not parts or not all(parts):
+            raise InputError(f"--set {key}: name a field, e.g. --set prune.round_to=4")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise InputError(f"--set {key}: {part} is not a mapping in {path}")
+        target[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe at ``path``, with ``overrides`` (``KEY=VALUE``, see :func:`apply_overrides`) applied."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe not found: {path}")
@@ -155,10 +192,12 @@ def load_recipe(path: str | Path) -> Recipe:
         raise InputError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a recipe is a mapping of keys (name, teacher, stages, ...)")
+    data = apply_overrides(data, overrides, path)
+    where = f"{path} (with --set {', '.join(overrides)})" if overrides else path
     try:
         return recipe_model().model_validate(data)
     except ValidationError as e:
-        raise InputError(_format_errors(e, path)) from None
+        raise InputError(_format_errors(e, where)) from None
 
 
 def json_schema() -> dict:

@@ -21,6 +21,7 @@ from deploykit.runtime.files import VerifiedArtifact
 from deploykit.runtime.sampling import make_pipeline_scheduler, make_scheduler, sample
 
 ONNX_UNET = "model.onnx"
+STUDENT_DECODER = "model/vae_decoder"
 
 
 def _read_json(path: Path) -> dict:
@@ -93,6 +94,10 @@ class SDModel:
                                  "cache (stages/*-teacher-*/pipeline); use an onnxruntime backend with onnx/")
             self.unet = _torch_unet(files, backend)
             self._torch_components(teacher / "pipeline", _device(backend))
+            if files.has(STUDENT_DECODER):  # a decoder stage's smaller VAE decoder (the ONNX pipeline has it too)
+                from deploykit.models.vae_decoder import use_decoder
+
+                use_decoder(self._vae, files.folder(STUDENT_DECODER))
             vae_config = dict(self._vae.config)
             tokenizer_dir = teacher / "pipeline" / "tokenizer"
         self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
