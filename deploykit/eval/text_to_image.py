@@ -15,6 +15,7 @@ Two judges, one per kind of teacher:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,23 @@ from deploykit.eval.prompt_accuracy import (
 
 SPLITS = ("trained", "held_out")
 CLIP_BATCH = 64
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int, steps: int, guidance_scale: float, side: int, batch_size: int,
+             advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from a diffusers SD pipeline, one per prompt; image ``i`` starts from the noise of seed
+    ``seed + i`` whatever the batch, so every model compared gets the same prompt and noise for each image."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, height=side, width=side,
+                   output_type="pt", generator=generators).images
+        images.append(out * 2 - 1)  # [0, 1] -> [-1, 1], as the metrics and grids take them
+        if advance is not None:
+            advance(len(chunk))
+    return torch.cat(images)
 
 
 class PromptJudge:

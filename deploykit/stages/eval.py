@@ -177,6 +177,8 @@ def _pipeline_prompts(cfg: EvalStage, meta: dict) -> tuple[list[str], str]:
 
 
 def _pipeline_samples(ctx: StageContext, meta: dict, role: str, prompts: list[str]) -> torch.Tensor:
+    from deploykit.eval.text_to_image import generate
+
     cfg = ctx.config
     model = load_model(_model_dir(ctx, role.removesuffix("-int8")))
     if role.endswith("-int8"):
@@ -189,18 +191,9 @@ def _pipeline_samples(ctx: StageContext, meta: dict, role: str, prompts: list[st
         from deploykit.models.vae_decoder import use_decoder
 
         use_decoder(pipe.vae, ctx.inputs[DECODER_ROLE])
-    batch = cfg.batch_size or PIPELINE_BATCH
-    images = []
     with ctx.progress(f"generating with the {role}", len(prompts)) as advance:
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start:start + batch]
-            # image i comes from seed + i whatever the batch: the same prompt and noise through every model
-            generators = [torch.Generator().manual_seed(ctx.seed + start + i) for i in range(len(chunk))]
-            out = pipe(chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=meta["resolution"],
-                       width=meta["resolution"], output_type="pt", generator=generators).images
-            images.append(out * 2 - 1)  # [0, 1] -> [-1, 1], as the metrics and grids take them
-            advance(len(chunk))
-    return torch.cat(images)
+        return generate(pipe, prompts, ctx.seed, cfg.steps, cfg.guidance_scale, meta["resolution"],
+                        cfg.batch_size or PIPELINE_BATCH, advance)
 
 
 def _prompt_judge(ctx: StageContext, prompts: list[str]):
@@ -349,8 +342,8 @@ def prompt_accuracy_rows(ev: dict) -> list[str]:
     breakdown, ref = ev["prompt_accuracy"], ev["reference"]
     attributes = list(next(iter(breakdown.values()))["per_attribute"])
     lines = [f"Prompt accuracy: the share of asked attributes the zoo's attribute classifier reads back from each image, "
-             f"one image per prompt and seed ({ev['num_samples']} images of {len(ref['prompts'])} prompts, {ref['prompt_source']}); trained / held-out: attribute "
-             "combinations the teacher was / was not trained on. Chance "
+             f"one image per prompt and seed ({ev['num_samples']} images of {len(ref['prompts'])} prompts, "
+             f"{ref['prompt_source']}); trained / held-out: attribute combinations the teacher was / was not trained on. Chance "
              f"{_pct(ref['chance'])}; the teacher's images read against shuffled prompts {_pct(ref['teacher_shuffled_prompts'])}."
              + (" Classifier accuracy on its own held-out renders: "
                 + ", ".join(f"{k} {_pct(v)}" for k, v in ref["classifier_held_out_accuracy"].items()) + "."
