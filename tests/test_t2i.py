@@ -309,3 +309,13 @@ def test_a_clip_model_that_is_neither_a_folder_nor_a_hub_id_is_refused(tmp_path)
                       "  - stage: eval\n    clip_model: no-such-folder\n")
     result = run_cli("build", str(recipe), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_prompts_a_zoo_teacher_cannot_read_back_are_refused(tmp_path, shapes_zoo_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: odd\nteacher: zoo:shapes-tiny\nstages:\n  - stage: prune\n    round_to: 4\n"
+                      "  - stage: eval\n    prompts: [one small red circle in the center, a red bicycle]\n")
+    result = run_cli("build", str(recipe), "--out", str(tmp_path / "out"),
+                     env={**os.environ, "DEPLOYKIT_ZOO_DIR": str(shapes_zoo_dir)})
+    assert result.returncode == 2 and "not a shapes prompt: 'a red bicycle'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -100,6 +100,14 @@ def preflight(cfg: EvalStage, pf: Preflight) -> None:
         if not isinstance(_clip_source(cfg.clip_model, pf.recipe_dir), Path) and not _HUB_ID.match(cfg.clip_model):
             raise InputError(f"{pf.where}: eval.clip_model {cfg.clip_model}: no such folder next to the recipe, and not "
                              "a hub id (ORG/NAME)")
+    if cfg.prompts is not None and zoo_evaluation_prompts(pf.recipe.teacher) is not None:
+        from deploykit.zoo.shapes import parse_prompt
+
+        for prompt in cfg.prompts:  # the attribute classifier checks each image against what its prompt asked for
+            try:
+                parse_prompt(prompt)
+            except ValueError as e:
+                raise InputError(f"{pf.where}: eval.prompts: {e}") from None
     _check_prompts_apart(cfg, pf)
 
 
