@@ -181,7 +181,8 @@ class Artifact:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def write_manifest(self, recipe: dict, recipe_path: str, stages: list[dict]) -> dict:
+    def write_manifest(self, recipe: dict, recipe_path: str, stages: list[dict], extra: dict | None = None) -> dict:
+        """``extra``: what else the build records (stages skipped and why, ``--set`` overrides)."""
         from deploykit import __version__
 
         manifest = {
@@ -190,6 +191,7 @@ class Artifact:
             "recipe_path": recipe_path,
             "recipe": recipe,
             "stages": stages,
+            **(extra or {}),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},

@@ -20,17 +20,20 @@ console = Console(stderr=True, soft_wrap=True)
 
 def _cmd_build(args) -> int:
     from deploykit.recipe import load_recipe
-    from deploykit.runner import build, dry_run
+    from deploykit.runner import build, dry_run, skip_reasons
 
-    recipe = load_recipe(args.recipe, args.allow_path)
+    recipe = load_recipe(args.recipe, args.allow_path, args.set)
     out = Path(args.out) if args.out else Path("artifacts") / recipe.name
+    skip = skip_reasons([name.strip() for item in args.skip for name in item.split(",") if name.strip()],
+                        args.random_weights)
     if args.dry_run:
-        stages = dry_run(recipe, Path(args.recipe), out, random_weights=args.random_weights)
+        stages = dry_run(recipe, Path(args.recipe), out, random_weights=args.random_weights, skip=skip)
         console.print(f"[green]{escape(args.recipe)}: ready to build into {escape(str(out))}[/] (nothing written): "
                       + " -> ".join(f"{name} ({memory})" if memory else name for name, memory in stages.items()),
                       highlight=False)
         return 0
-    report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights)
+    report = build(recipe, Path(args.recipe), out, console, random_weights=args.random_weights,
+                   skip=skip, overrides=tuple(args.set))
     if report is None:  # a non-main process of `accelerate launch`: the main process reports
         return 0
     speedups = ", ".join(f"{b} {s:.2f}x" for b, s in report.get("speedup", {}).items())
@@ -91,7 +94,7 @@ def _cmd_zoo_list(args) -> int:
     from deploykit.zoo import ZOO
 
     for name, entry in ZOO.items():
-        trained = (entry.folder / "unet.safetensors").is_file()
+        trained = (entry.folder / "card.json").is_file()  # written last, for every kind of zoo teacher
         print(f"zoo:{name}\t{entry.description}\t{'trained' if trained else 'not trained'}")
     return 0
 
@@ -187,6 +190,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="check everything a build checks before it writes (the recipe, its files, the teacher, the "
                         "memory its settings need, the output folder), print the stages it would run, write nothing")
     _allow_path_option(p)
+    p.add_argument("--skip", action="append", default=[], metavar="STAGE[,STAGE]",
+                   help="do not run these stages of the recipe (e.g. distill,eval in a speed-only --random-weights "
+                        "build); the report and manifest say so, and a stage whose output a later stage needs is refused")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a recipe setting for this build: a top-level field (resolution=256) or a stage's "
+                        "(prune.round_to=4, bench.end_to_end.steps=2); VALUE is YAML; recorded in the manifest")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("inspect", help="show an artifact and verify every hash")

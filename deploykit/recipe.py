@@ -197,7 +197,7 @@ def _key_part(item: Any) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def _format_errors(err: ValidationError, path: Path) -> str:
+def _format_errors(err: ValidationError, path: Path | str) -> str:
     lines = []
     errors = err.errors()
     for e in errors[:MAX_ERRORS]:
@@ -261,15 +261,54 @@ def check_input_files(recipe: Recipe, path: Path, allowed: Sequence[Path] = ()) 
                 raise InputError(f"{where}: {value} has no text (blank lines at most)")
 
 
-def load_recipe(path: str | Path, allowed: Sequence[str | Path] = ()) -> Recipe:
-    """The recipe at ``path``, validated, with the files it names checked; ``allowed``: folders outside the recipe's
-    own that those files may lie in (``--allow-path``)."""
+def apply_overrides(data: dict, overrides: Sequence[str], path: Path) -> dict:
+    """``KEY=VALUE`` settings from the command line (``deploykit build --set``) put into the recipe as loaded.
+
+    KEY is a top-level field (``resolution``) or a listed stage's field (``prune.round_to``,
+    ``bench.end_to_end.steps``); VALUE is read as YAML (``4``, ``true``, ``[a, b]``, ``null``). The result is
+    validated like the file itself, so a wrong key or value is the same one message.
+    """
+    stage_names = {spec.name for spec in _listed(STAGES)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item}: expected KEY=VALUE, e.g. --set prune.round_to=4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {item}: the value is not valid YAML: {e}") from None
+        parts = key.strip().split(".")
+        target: Any = data
+        if parts[0] in stage_names:
+            target = next((s for s in data.get("stages") or [] if isinstance(s, dict) and s.get("stage") == parts[0]), None)
+            if target is None:
+                raise InputError(f"--set {key}: {path} has no {parts[0]} stage to set it in")
+            parts = parts[1:]
+        elif parts[0] == "stages":
+            raise InputError(f"--set {key}: set a stage's field by the stage's name, e.g. --set prune.round_to=4")
+        if not parts or not all(parts):
+            raise InputError(f"--set {key}: name a field, e.g. --set prune.round_to=4")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise InputError(f"--set {key}: {part} is not a mapping in {path}")
+        target[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, allowed: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe at ``path``, with ``overrides`` (``KEY=VALUE``, see :func:`apply_overrides`) applied, validated,
+    with the files it names checked; ``allowed``: folders outside the recipe's own that those files may lie in
+    (``--allow-path``)."""
     path = Path(path)
     data = parse_recipe(read_text_file(path, MAX_RECIPE_BYTES, "recipe"), path)
     try:
+        data = apply_overrides(data, overrides, path)
+        _check_expanded_size(data, path)
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        raise InputError(_format_errors(e, path)) from None
+        where = f"{path} (with --set {', '.join(overrides)})" if overrides else path
+        raise InputError(_format_errors(e, where)) from None
     check_input_files(recipe, path, [Path(a) for a in allowed])
     return recipe
 

@@ -87,10 +87,40 @@ def environment(spec: StageSpec) -> dict:
     return env
 
 
+def plan_skips(recipe: Recipe, recipe_path: Path, plan: list, skip: dict[str, str]) -> list:
+    """The plan without the stages in ``skip`` (name -> why); InputError when one is not in the recipe, is one the
+    recipe's target needs, or writes a role a later stage reads and no other stage provides. A skipped stage
+    passes its inputs through: the roles it would have replaced keep their earlier holders."""
+    listed = [spec.name for spec, _ in plan if not spec.implicit]
+    for name in skip:
+        if name not in listed:
+            raise InputError(f"--skip {name}: {recipe_path} has no {name} stage (its stages: {', '.join(listed)})")
+        spec = next(spec for spec, _ in plan if spec.name == name)
+        reason = spec.required(recipe) if spec.required is not None else None
+        if reason:
+            raise InputError(f"--skip {name}: {reason}")
+    kept, available = [], set()
+    for spec, config in plan:
+        if spec.name in skip:
+            continue
+        missing = [r for r in spec.reads if r not in available]
+        if missing:
+            writers = [s.name for s, _ in plan if s.name in skip and missing[0] in s.provides()]
+            raise InputError(f"--skip {', '.join(writers) or ', '.join(skip)}: stage {spec.name} reads {missing[0]}, which "
+                             f"no other stage of {recipe_path} writes; skip {spec.name} too, or keep "
+                             f"{' and '.join(writers) or 'the stage that writes it'}")
+        available |= spec.provides()
+        kept.append((spec, config))
+    return kept
+
+
 class Runner:
-    def __init__(self, recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None):
+    def __init__(self, recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,
+                 skip: dict[str, str] | None = None, overrides: tuple[str, ...] = ()):
         self.recipe = recipe
         self.recipe_path = Path(recipe_path)
+        self.skip = dict(skip or {})
+        self.overrides = tuple(overrides)
         self.artifact = Artifact(out)
         self.state = process_state() if launched() else None
         self.is_main = self.state is None or self.state.is_main_process
@@ -101,7 +131,7 @@ class Runner:
         """Everything that can be checked before writing: each stage's preflight, the memory its settings need,
         the folder to write. Returns the plan, the digests of what stages read from outside the artifact (the
         teacher's files: part of their keys) and each stage's memory estimate in bytes."""
-        plan = self.recipe.plan()
+        plan = plan_skips(self.recipe, self.recipe_path, self.recipe.plan(), self.skip)
         preflight = Preflight(self.recipe, self.recipe_path)
         for spec, config in plan:
             if spec.preflight is not None:
@@ -114,6 +144,8 @@ class Runner:
 
     def build(self) -> dict | None:
         plan, outside, _ = self.check()
+        for name, why in self.skip.items():
+            self.console.print(f"[yellow]{name}: skipped ({why})[/]")
         if not self.is_main:
             self._follow(plan, outside)
             return None
@@ -243,6 +275,8 @@ class Runner:
         outputs = [StageOutput(spec, config, r.folder) for (spec, config), r in zip(plan, records)]
         folders = {r: p for r, (p, _) in roles.items()}
         report = assemble(self.recipe, outputs, folders)
+        if self.skip:
+            report["skipped"] = dict(self.skip)
         # device figures (`deploykit bench --host`) of this very bundle stay in the report; others are dropped
         stale_remote = merge_device_runs(report, self.artifact.root, folders)
         # before anything is written: a build that fails its quality gate leaves the artifact as it was
@@ -260,7 +294,8 @@ class Runner:
                 pass
         remove(self.artifact.root, stale_remote)
         write_outputs(self.artifact.root, outputs, folders, report)
-        self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages)
+        extra = {k: v for k, v in (("skipped", self.skip), ("overrides", list(self.overrides))) if v}
+        self.artifact.write_manifest(self.recipe.model_dump(), str(self.recipe_path), stages, extra)
         return report
 
 
@@ -280,16 +315,26 @@ def _teacher_swapped(recipe: Recipe, random_weights: bool) -> Recipe:
     return recipe.model_copy(update={"teacher": random_weights_spec(recipe.teacher, recipe.topology)})
 
 
+def skip_reasons(names: list[str], random_weights: bool) -> dict[str, str]:
+    """Why each stage named by ``--skip`` did not run, as the report and manifest say it."""
+    why = "--skip on the command line" + ("; a --random-weights build measures speed only" if random_weights else "")
+    return {name: why for name in names}
+
+
 def build(recipe: Recipe, recipe_path: Path, out: Path, console: Console | None = None,
-          random_weights: bool = False) -> dict | None:
-    """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only).
+          random_weights: bool = False, skip: dict[str, str] | None = None, overrides: tuple[str, ...] = ()) -> dict | None:
+    """Run ``recipe``; ``random_weights`` swaps the teacher for its topology with random weights (speed only);
+    ``skip`` names stages not to run, each with why (the report and manifest record it); ``overrides`` are the
+    ``--set`` settings already applied to ``recipe``, recorded in the manifest.
 
     Returns the report; None in the non-main processes of a launched build."""
-    return Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, console).build()
+    return Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, console, skip, overrides).build()
 
 
-def dry_run(recipe: Recipe, recipe_path: Path, out: Path, random_weights: bool = False) -> dict[str, str]:
+def dry_run(recipe: Recipe, recipe_path: Path, out: Path, random_weights: bool = False,
+            skip: dict[str, str] | None = None) -> dict[str, str]:
     """Check what ``build`` checks before it writes, and write nothing: each stage the build would run, with its
     memory estimate ("" where it has none)."""
-    plan, _, estimates = Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, Console(quiet=True)).check()
+    runner = Runner(_teacher_swapped(recipe, random_weights), recipe_path, out, Console(quiet=True), skip)
+    plan, _, estimates = runner.check()
     return {spec.name: gib(estimates[spec.name]) if estimates.get(spec.name) else "" for spec, _ in plan}

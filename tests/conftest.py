@@ -61,6 +61,16 @@ def zoo_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def shapes_zoo_dir(tmp_path_factory) -> Path:
+    """The test-size text-to-image zoo teacher (zoo:shapes-tiny), trained by `deploykit zoo train` (seconds)."""
+    folder = tmp_path_factory.mktemp("zoo-shapes")
+    env = {**os.environ, "DEPLOYKIT_ZOO_DIR": str(folder)}
+    subprocess.run([sys.executable, "-m", "deploykit.cli", "zoo", "train", "shapes-tiny"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    return folder
+
+
 @pytest.fixture
 def zoo_env(zoo_dir, monkeypatch) -> dict:
     monkeypatch.setenv("DEPLOYKIT_ZOO_DIR", str(zoo_dir))

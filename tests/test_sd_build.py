@@ -158,3 +158,78 @@ def test_bad_sd_input_exits_2_and_writes_nothing(tmp_path, teacher, extra, stage
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ---- the SD recipes: recovery on a prompt file, 2:4 where the target has sparse tensor cores --------------
+
+SD_RECIPES = {"recipes/sd15_jetson.yaml": True, "recipes/sd15_jetson_nano.yaml": True, "recipes/sd15_gpu.yaml": True,
+              "recipes/sd15_cpu.yaml": False}  # path -> 2:4 expected (cuda and Jetson have sparse tensor cores)
+
+
+@pytest.mark.parametrize("path, sparse", SD_RECIPES.items())
+def test_sd_recipes_recover_on_a_prompt_file_and_use_2to4_where_it_runs(path, sparse):
+    from deploykit.recipe import load_recipe
+    from tests.conftest import REPO
+
+    recipe = load_recipe(REPO / path)
+    distill = recipe.stage("distill")
+    assert distill is not None and (REPO / "recipes" / distill.prompts).is_file()
+    assert (recipe.stage("sparsify") is not None) == sparse
+    assert recipe.topology == "sd15"  # --random-weights builds it offline
+    header = (REPO / path).read_text().split("\nname:")[0]
+    assert "not implemented" not in header and "--skip distill,eval" in header
+    assert run_cli("recipe", "check", path).returncode == 0
+
+
+# What this proves: sd15_jetson.yaml's stages, in its order and with its settings, run offline to a device
+# bundle with distill and eval skipped, and the report and manifest say what was skipped and why. What it
+# does not: anything at SD1.5's size. `--set` swaps the topology for tiny-sd (and the sizes that follow from
+# it: resolution, channel rounding, 2:4's minimum layer width) because SD1.5 at 512x512 takes hours on a
+# 2-core CPU; every other setting comes from the recipe file.
+JETSON_TINY = ["topology=tiny-sd", "resolution=32", "prune.round_to=4", "sparsify.min_features=16", "bundle.warmup=1",
+               "bundle.runs=3"]
+
+
+def _set(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.slow
+def test_sd15_jetson_offline_speed_build_skips_distill_and_eval_and_runs_to_its_bundle(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("build", "recipes/sd15_jetson.yaml", "--random-weights", "--skip", "distill,eval",
+                     *_set(JETSON_TINY), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    why = "--skip on the command line; a --random-weights build measures speed only"
+    assert report["skipped"] == manifest["skipped"] == {"distill": why, "eval": why}
+    assert manifest["overrides"] == JETSON_TINY and manifest["recipe"]["topology"] == "tiny-sd"
+    assert [s["name"] for s in manifest["stages"]] == ["teacher", "prune", "sparsify", "export", "bundle"]
+    assert "pruned" not in report and "eval" not in report  # no distill: the student is the pruned model
+    assert report["teacher_source"] == "random:tiny-sd" and report["bundle"]["components"]["student/unet"]["sparse"]
+    bundle = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert bundle["target"] == "jetson-agx-orin" and "onnx/student/unet/model.onnx" in bundle["files"]
+    md = (out / "report.md").read_text()
+    assert "Stages skipped: `distill` (--skip on the command line" in md
+    # what export and bundle ran on is the sparsify stage's student: distill passed it through
+    sparsify = next(out.glob("stages/*-sparsify-*"))
+    from deploykit.io import sha256_file
+
+    assert sha256_file(out / "model" / "model.safetensors") == sha256_file(sparsify / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "export"], "--skip export: stage bundle reads onnx, which no other stage"),
+    (["--skip", "bench"], "--skip bench: recipes/sd15_jetson.yaml has no bench stage"),
+    (["--skip", "bundle"], "--skip bundle: target jetson-agx-orin needs a bundle stage"),
+    (["--set", "distill.nope=1"], "(with --set distill.nope=1): stages[2].nope: unknown key"),
+    (["--set", "bench.runs=3"], "--set bench.runs: recipes/sd15_jetson.yaml has no bench stage"),
+    (["--set", "prune.round_to"], "expected KEY=VALUE"),
+    (["--set", "stages.prune.round_to=4"], "by the stage's name"),
+])
+def test_a_skip_or_set_that_cannot_work_exits_2_and_writes_nothing(tmp_path, args, message):
+    result = run_cli("build", "recipes/sd15_jetson.yaml", "--random-weights", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

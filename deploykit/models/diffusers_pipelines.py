@@ -48,7 +48,8 @@ def load_pretrained_pipeline(source: str | Path, revision: str | None = None):
     import diffusers
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, use_safetensors=True)
+        with _quiet():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source, revision=revision, use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise InputError(f"could not load a diffusers pipeline from {source}: {e}") from None
     pipeline_class(type(pipe).__name__)  # refuse kinds we do not handle

@@ -1,6 +1,7 @@
 """Loading the dense teacher.
 
-A teacher spec is one of: ``zoo:NAME`` (the project's own pixel-space teachers), a local diffusers
+A teacher spec is one of: ``zoo:NAME`` (the project's own teachers: pixel-space UNets, and SD
+pipelines such as ``zoo:shapes``), a local diffusers
 folder (a UNet2DModel, or an SD / SDXL pipeline with ``model_index.json``), ``hf:ORG/NAME[@REVISION]``
 (a hub pipeline; needs the network or the local hub cache), or ``random:TOPOLOGY`` (sd15, sdxl,
 tiny-sd, tiny-sdxl built from config with random weights: for speed, never for quality).
@@ -63,6 +64,8 @@ def teacher_path(spec: str, base_dir: Path | None = None) -> Path:
 def load_teacher(spec: str, base_dir: Path | None = None, resolution: int | None = None, seed: int = 0) -> Teacher:
     """Load ``spec``; ``resolution`` (image side in pixels) sets an SD teacher's latent sample shape."""
     if spec.startswith("zoo:"):
+        if _is_zoo_pipeline(spec):
+            return _load_zoo_pipeline(spec.removeprefix("zoo:"), resolution)
         return _load_zoo(spec.removeprefix("zoo:"))
     if spec.startswith("random:"):
         from deploykit.models.topologies import build_pipeline, topology
@@ -86,7 +89,7 @@ def load_teacher(spec: str, base_dir: Path | None = None, resolution: int | None
 def check_teacher_spec(spec: str, base_dir: Path | None = None) -> None:
     """Fail fast on a teacher that cannot load, before anything is written."""
     if spec.startswith("zoo:"):
-        _zoo_files(spec.removeprefix("zoo:"))
+        _zoo_pipeline_folder(spec.removeprefix("zoo:")) if _is_zoo_pipeline(spec) else _zoo_files(spec.removeprefix("zoo:"))
     elif spec.startswith("random:"):
         from deploykit.models.topologies import topology
 
@@ -113,7 +116,7 @@ def teacher_kind(spec: str, base_dir: Path | None = None) -> str:
     if spec.startswith(("random:", "hf:")):
         return "pipeline"
     if spec.startswith("zoo:"):
-        return "pixel"
+        return "pipeline" if _is_zoo_pipeline(spec) else "pixel"
     return "pipeline" if (teacher_path(spec, base_dir) / "model_index.json").is_file() else "pixel"
 
 
@@ -148,6 +151,39 @@ def _zoo_files(name: str) -> tuple[Path, Path, dict]:
         raise InputError(f"zoo teacher {name!r} has no weights at {entry.folder}; "
                          f"train it with `deploykit zoo train {name}`")
     return weights, config, json.loads(card.read_text())
+
+
+def _is_zoo_pipeline(spec: str) -> bool:
+    from deploykit.zoo import get_entry
+
+    try:
+        return get_entry(spec.removeprefix("zoo:")).kind != "pixel"
+    except KeyError as e:
+        raise InputError(str(e.args[0])) from None
+
+
+def _zoo_pipeline_folder(name: str) -> Path:
+    from deploykit.zoo import get_entry
+
+    folder = get_entry(name).folder
+    if not (folder / "model_index.json").is_file() or not (folder / "card.json").is_file():
+        raise InputError(f"zoo teacher {name!r} has no weights at {folder}; train it with `deploykit zoo train {name}`")
+    return folder
+
+
+def _load_zoo_pipeline(name: str, resolution: int | None) -> Teacher:
+    """A zoo SD pipeline: shipped in fp16 to stay small, run in fp32 like every other teacher."""
+    import torch
+
+    from deploykit.models.diffusers_pipelines import load_pretrained_pipeline
+    from deploykit.zoo import get_entry
+
+    folder = _zoo_pipeline_folder(name)
+    pipe = load_pretrained_pipeline(folder).to(torch.float32)
+    teacher = _pipeline_teacher(pipe, f"zoo:{name}", resolution)
+    teacher.dataset = get_entry(name).dataset
+    teacher.info["zoo_card"] = json.loads((folder / "card.json").read_text())
+    return teacher
 
 
 def _load_zoo(name: str) -> Teacher:

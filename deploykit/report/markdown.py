@@ -44,6 +44,9 @@ def render(report: dict) -> str:
     lines.append(f"Teacher `{report.get('teacher_source')}`, target `{report['target']}`.")
     if report.get("random_weights"):
         lines.append("**Random weights: these figures measure speed, never quality.**")
+    if report.get("skipped"):
+        lines.append("Stages skipped: " + "; ".join(f"`{name}` ({why})" for name, why in report["skipped"].items())
+                     + ". Each passed its inputs on: the stages after it ran on what came before it.")
     lines += [line for rows in stage_rows for line in rows.caption]
     lines.append("")
     header = ["model", "params", "MACs"] + [f"{b} p50 ms" for b in backends] + metrics

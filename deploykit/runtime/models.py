@@ -27,6 +27,7 @@ from deploykit.runtime.files import VerifiedArtifact
 from deploykit.runtime.sampling import make_pipeline_scheduler, make_scheduler, sample
 
 ONNX_FILE = "model.onnx"
+STUDENT_DECODER = "model/vae_decoder"
 
 
 def _read_json(path: Path) -> dict:
@@ -172,7 +173,15 @@ class SDModel:
             if teacher is None or not (teacher / "pipeline").is_dir():
                 raise InputError(f"{files.root}: backend {backend} needs the teacher's pipeline components in the stage "
                                  "cache (stages/*-teacher-*/pipeline); use an ONNX backend with onnx/")
-            components = torch_sd_components(teacher / "pipeline", _torch_unet(files, backend), _device(backend))
+            vae = None
+            if files.has(STUDENT_DECODER):  # a decoder stage's smaller VAE decoder (the ONNX pipeline has it too)
+                from diffusers import AutoencoderKL
+
+                from deploykit.models.vae_decoder import use_decoder
+
+                vae = AutoencoderKL.from_pretrained(teacher / "pipeline" / "vae", use_safetensors=True)
+                use_decoder(vae, files.folder(STUDENT_DECODER))
+            components = torch_sd_components(teacher / "pipeline", _torch_unet(files, backend), _device(backend), vae=vae)
         else:
             components = onnx_sd_components(*artifact_graphs(files, backend))
         resolution = _read_json(files.file("report.json")).get("resolution") if files.has("report.json") else None

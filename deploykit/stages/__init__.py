@@ -7,6 +7,7 @@ must list them in is this registry's order, and the runner and report work from 
 from deploykit.stages.base import StageContext, StageSpec
 from deploykit.stages.bench import BENCH
 from deploykit.stages.bundle import BUNDLE
+from deploykit.stages.decoder import DECODER
 from deploykit.stages.distill import DISTILL
 from deploykit.stages.engine import ENGINE
 from deploykit.stages.eval import EVAL
@@ -32,7 +33,7 @@ def register(spec: StageSpec) -> StageSpec:
     return spec
 
 
-for _spec in (TEACHER, PRUNE, SPARSIFY, DISTILL, EXPORT, QUANTIZE, BUNDLE, ENGINE, VERIFY, BENCH, EVAL):
+for _spec in (TEACHER, PRUNE, SPARSIFY, DISTILL, DECODER, EXPORT, QUANTIZE, BUNDLE, ENGINE, VERIFY, BENCH, EVAL):
     register(_spec)
 
 __all__ = ["STAGES", "StageContext", "StageSpec", "register"]

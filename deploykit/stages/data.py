@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # deploykit.eval imports torchmetrics, seconds that loading a
 TEACHER_JSON = "teacher.json"
 FEATURES = "features.safetensors"
 PIPELINE_DIR = "pipeline"  # an SD teacher's other components (text encoders, VAE, tokenizers, scheduler)
+DECODER_ROLE = "student.vae_decoder"  # the decoder stage's smaller VAE decoder for the student pipeline
 
 
 def teacher_meta(teacher_dir: Path) -> dict:

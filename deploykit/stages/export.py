@@ -2,7 +2,8 @@
 
 Pixel UNets export alone (``<role>/unet/model.onnx``); SD / SDXL UNets export with their whole
 pipeline in optimum's layout (``<role>/{text_encoder,unet,vae_decoder,...}``), fp32 always (what CPU
-backends run) and fp16 beside it (``<role>-fp16/``) when the recipe asks. A 2:4 student's masked
+backends run) and fp16 beside it (``<role>-fp16/``) when the recipe asks. After a decoder stage the
+student's ``vae_decoder`` is its smaller decoder (same inputs, outputs and config.json). A 2:4 student's masked
 weights are looked up in each of its UNet graphs and checked to be 2:4 there too.
 """
 
@@ -34,7 +35,7 @@ from deploykit.stages.base import (
     StageSpec,
 )
 from deploykit.stages.bounds import Tolerance
-from deploykit.stages.data import example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
+from deploykit.stages.data import DECODER_ROLE, example_inputs, is_pipeline, load_teacher_pipeline, teacher_meta
 from deploykit.stages.footprint import Demand, Footprint
 
 ONNX_NAME = "model.onnx"
@@ -58,8 +59,13 @@ def memory(cfg: ExportStage, fp: Footprint) -> list[Demand]:
                    "a UNet call of the check, in ONNX Runtime")]
 
 
-def _export_pipeline_files(teacher_dir: str, model_dir: str, out: str, fp16: bool, opset: int) -> dict:
+def _export_pipeline_files(teacher_dir: str, model_dir: str, out: str, fp16: bool, opset: int,
+                           decoder_dir: str | None = None) -> dict:
     pipe = load_teacher_pipeline(Path(teacher_dir), load_model(Path(model_dir)))
+    if decoder_dir is not None:  # a decoder stage's smaller VAE decoder: the student pipeline ships with it
+        from deploykit.models.vae_decoder import use_decoder
+
+        use_decoder(pipe.vae, decoder_dir)
     return export_pipeline(pipe, Path(out), fp16=fp16, opset=opset)
 
 
@@ -88,8 +94,9 @@ def run(ctx: StageContext) -> dict:
             path = ctx.out / name / "unet" / ONNX_NAME
             with ctx.progress(f"exporting {name}", 1) as advance:
                 if is_pipeline(meta):
+                    decoder = ctx.inputs.get(DECODER_ROLE) if role == "student" else None
                     summary = _isolated(_export_pipeline_files, str(ctx.inputs["teacher"]), str(ctx.inputs[role] / "model"),
-                                        str(ctx.out / name), fp16, cfg.opset)
+                                        str(ctx.out / name), fp16, cfg.opset, decoder and str(decoder))
                     files = {c: v["files"] for c, v in summary["components"].items()}
                 else:
                     export_unet(model, path, example_inputs(meta, model, 2, ctx.seed), opset=cfg.opset, fp16=fp16)
@@ -139,5 +146,5 @@ def publish(ctx: PublishContext) -> None:
 
 
 EXPORT = StageSpec(name="export", version="2", config=ExportStage, reads=("teacher", "student"), writes={"onnx": "."},
-                   run=run, depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES), memory=memory, report=report_section,
-                   markdown=markdown_rows, publish=publish)
+                   optional_reads=(DECODER_ROLE,), run=run, depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES), memory=memory,
+                   report=report_section, markdown=markdown_rows, publish=publish)

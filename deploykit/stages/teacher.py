@@ -17,7 +17,7 @@ from deploykit.models import count_params, load_teacher, save_model
 from deploykit.models.diffusers_pipelines import save_components
 from deploykit.models.teacher import check_teacher_spec, teacher_path
 from deploykit.stages.base import MODEL_PACKAGES, Preflight, ReportContext, StageContext, StageSpec, StrictModel
-from deploykit.stages.data import FEATURES, PIPELINE_DIR, TEACHER_JSON
+from deploykit.stages.data import PIPELINE_DIR, TEACHER_JSON
 
 
 class TeacherConfig(StrictModel):
@@ -71,7 +71,9 @@ def run(ctx: StageContext) -> dict:
     if teacher.source.startswith("zoo:"):
         from deploykit.zoo import get_entry
 
-        shutil.copyfile(get_entry(teacher.source.removeprefix("zoo:")).folder / FEATURES, ctx.out / FEATURES)
+        entry = get_entry(teacher.source.removeprefix("zoo:"))
+        for name in entry.eval_files:  # the zoo's FID features / attribute classifier, for eval
+            shutil.copyfile(entry.folder / name, ctx.out / name)
     return {"params": meta["params"]}
 
 

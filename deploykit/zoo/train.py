@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from deploykit.eval.features import DigitsClassifier
 from deploykit.io import atomic_write_json, make_temp_dir, replace_dir, save_tensors
 from deploykit.zoo.data import load_digits_images, split_indices
-from deploykit.zoo.registry import ClassifierTraining, TeacherTraining, ZooEntry
+from deploykit.zoo.registry import ClassifierTraining, PipelineZooEntry, TeacherTraining, ZooEntry
 
 
 def _progress() -> Progress:
@@ -107,8 +107,13 @@ def train_teacher(entry: ZooEntry, images: torch.Tensor, cfg: TeacherTraining, p
     return ema.eval(), losses
 
 
-def train_zoo_entry(entry: ZooEntry, out_dir: Path, steps: int | None = None) -> dict:
+def train_zoo_entry(entry: ZooEntry | PipelineZooEntry, out_dir: Path, steps: int | None = None) -> dict:
     """Train teacher and classifier; write weights, configs and the card into ``out_dir`` atomically."""
+    if entry.kind != "pixel":
+        from deploykit.zoo.train_pipeline import train_pipeline_entry
+
+        with _progress() as progress:
+            return train_pipeline_entry(entry, out_dir, steps, progress)
     images, labels = load_digits_images(entry.resolution)
     teacher_cfg = entry.teacher if steps is None else TeacherTraining(**{**entry.settings()["teacher"], "steps": steps})
     started = time.time()

@@ -1,0 +1,233 @@
+"""The shapes zoo teacher: its data and captions, tokenizer, attribute classifier, prompt accuracy, training."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deploykit.zoo import get_entry, shapes
+from deploykit.zoo.shapes import ATTRIBUTES, HELD_OUT, Attributes, caption, parse_prompt
+
+SHIPPED = get_entry("shapes").folder
+
+
+# ---- data and captions ---------------------------------------------------------------------------
+
+def test_every_caption_parses_back_to_its_attributes():
+    combos = shapes.all_combinations()
+    assert len(combos) == np.prod([len(v) for v in ATTRIBUTES.values()])
+    assert all(parse_prompt(caption(a)) == a for a in combos)
+    assert caption(Attributes("two", "small", "red", "triangle", "top left")) == "two small red triangles at the top left"
+    assert parse_prompt("  One LARGE white circle in   the center ") == Attributes("one", "large", "white", "circle", "center")
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "two small red triangle at the top", "", "one small pink circle in the center"])
+def test_a_prompt_outside_the_grammar_is_refused_by_name(prompt):
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        parse_prompt(prompt)
+
+
+def test_rendering_is_deterministic_per_seed_and_index():
+    attrs = shapes.sample_attributes(12, seed=5)
+    a = shapes.render_array(attrs, seed=5)
+    assert a.dtype == np.uint8 and a.shape == (12, 64, 64, 3)
+    assert np.array_equal(a, shapes.render_array(attrs, seed=5))
+    assert np.array_equal(a[3:], shapes.render_array(attrs, seed=5)[3:])
+    assert not np.array_equal(a, shapes.render_array(attrs, seed=6))
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    return [np.argwhere(labels == k + 1) for k in range(n)]
+
+
+def test_what_is_drawn_matches_the_caption():
+    """Count, colour, position and size are measured on the pixels of each rendered image."""
+    background = np.array(shapes.BACKGROUND)
+    for a in shapes.sample_attributes(120, seed=7, held_out=None):
+        img = shapes.render(a, np.random.default_rng(0)).astype(int)
+        diff = np.abs(img - background).sum(-1)
+        mask = diff > 60
+        blobs = _components(mask)
+        assert len(blobs) == shapes.COUNTS.index(a.count) + 1, caption(a)
+        centre = np.argwhere(mask).mean(0)  # (row, column)
+        expected = {"top left": (16, 16), "top right": (16, 48), "bottom left": (48, 16), "bottom right": (48, 48),
+                    "center": (32, 32)}[a.position]
+        assert np.abs(centre - expected).max() < 9, caption(a)
+        colour = img[diff > 0.9 * diff.max()].mean(0)  # the shapes' insides, not their anti-aliased edges
+        nearest = min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - colour).sum())
+        assert nearest == a.colour, caption(a)
+        area = mask.sum() / len(blobs)
+        assert (area < 70) == (a.size == "small"), (caption(a), area)
+
+
+def test_the_teachers_data_never_holds_a_held_out_combination():
+    images, attrs = shapes.make_dataset(2000, seed=get_entry("shapes").teacher.seed, held_out=False)
+    assert len(images) == 2000 and not any((a.colour, a.shape) in HELD_OUT for a in attrs)
+    assert {a.colour for a in attrs} == set(shapes.COLOURS) and {a.shape for a in attrs} == set(shapes.SHAPES)
+    held = shapes.sample_attributes(50, seed=0, held_out=True)
+    assert all((a.colour, a.shape) in HELD_OUT for a in held)
+
+
+def test_prompt_files_keep_evaluation_and_distillation_apart():
+    root = Path(__file__).parents[1] / "recipes" / "prompts"
+    evaluation = (root / "shapes_eval.txt").read_text().splitlines()
+    distill = (root / "shapes_distill.txt").read_text().splitlines()
+    assert not set(evaluation) & set(distill)
+    asked = [parse_prompt(p) for p in evaluation + distill]
+    assert any(a.held_out for a in asked[:len(evaluation)]) and not any(a.held_out for a in asked[len(evaluation):])
+    s = get_entry("shapes").sampling
+    assert evaluation == shapes.evaluation_prompts(s.prompts_per_split, s.seed), "regenerate with the module's functions"
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+def test_the_tokenizer_gives_each_word_one_token_and_matches_the_bundles_numpy_tokenizer(tmp_path):
+    import importlib.util
+
+    from transformers import CLIPTokenizer
+
+    import deploykit.device
+
+    script = Path(deploykit.device.__file__).parent / "scripts" / "run.py"
+    spec = importlib.util.spec_from_file_location("bundle_run_py", script)
+    bundle_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle_run)
+    ClipTokenizer = bundle_run.ClipTokenizer
+    from deploykit.zoo.tokenizer import save_word_tokenizer
+
+    save_word_tokenizer(shapes.vocabulary(), tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    ids = {w: tok(w, add_special_tokens=False).input_ids for w in shapes.vocabulary()}
+    assert all(len(v) == 1 for v in ids.values()) and len({v[0] for v in ids.values()}) == len(ids)
+    assert tok.decode(tok("three large blue crosses at the bottom right").input_ids, skip_special_tokens=True) == \
+        "three large blue crosses at the bottom right"
+    numpy_tok = ClipTokenizer(tmp_path)
+    prompts = ["two small red triangles at the top left", "", "Unknown words, 42 and ünïcode!", "one " * 100]
+    expected = tok(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert numpy_tok(prompts).tolist() == expected
+
+
+# ---- the shipped classifier and prompt accuracy -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier():
+    from deploykit.eval.attributes import load_attribute_classifier
+
+    return load_attribute_classifier(SHIPPED / "attributes.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Images the classifier never saw: a seed used by neither its training nor the teacher's."""
+    attrs = shapes.sample_attributes(600, seed=12345, held_out=None)
+    return shapes.render_many(attrs, seed=12345), [caption(a) for a in attrs]
+
+
+def test_the_shipped_classifier_reads_fresh_renders_back(classifier, fresh):
+    from deploykit.eval.prompt_accuracy import prompt_accuracy
+
+    result = prompt_accuracy(classifier, *fresh)
+    assert min(result["per_attribute"].values()) >= 0.97, result["per_attribute"]
+    assert result["held_out"]["accuracy"] >= 0.97 and result["trained"]["accuracy"] >= 0.97
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert min(card["classifier_accuracy"].values()) >= 0.97
+
+
+def test_images_that_ignore_their_prompts_score_near_chance(classifier, fresh):
+    from deploykit.eval.prompt_accuracy import chance_accuracy, prompt_accuracy, shuffled_prompt_accuracy
+
+    shuffled = shuffled_prompt_accuracy(classifier, *fresh)
+    assert abs(shuffled["accuracy"] - chance_accuracy()) < 0.06
+    assert shuffled["all_attributes"] < 0.02
+    assert prompt_accuracy(classifier, *fresh)["accuracy"] - shuffled["accuracy"] > 0.5
+
+
+def test_prompt_accuracy_refuses_mismatched_input(classifier, fresh):
+    from deploykit.eval.prompt_accuracy import prompt_accuracy
+
+    images, prompts = fresh
+    with pytest.raises(ValueError, match="images for"):
+        prompt_accuracy(classifier, images[:3], prompts[:2])
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        prompt_accuracy(classifier, images[:1], ["a cat"])
+
+
+def test_classifier_fid_floor_is_small_and_generated_garbage_is_far(classifier):
+    from deploykit.eval.prompt_accuracy import classifier_fid, fid_reference, render_prompts
+
+    prompts = shapes.evaluation_prompts(100, seed=1)
+    reference = fid_reference(classifier, prompts)
+    noise = torch.rand(len(prompts), 3, 64, 64) * 2 - 1
+    assert reference["floor"] < classifier_fid(classifier, noise, reference) / 20
+    assert np.isclose(classifier_fid(classifier, render_prompts(prompts, 77), reference), reference["floor"], rtol=1.0)
+
+
+# ---- the shipped teacher ------------------------------------------------------------------------
+
+def test_the_shipped_teacher_is_a_small_sd_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25_000_000
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED)
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel" and type(pipe.vae).__name__ == "AutoencoderKL"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert card["teacher_prompt_accuracy"]["trained"]["accuracy"] >= 0.9
+    assert card["settings"]["teacher"]["steps"] == get_entry("shapes").teacher.steps
+
+
+# ---- training the test-size teacher --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    zoo = tmp_path_factory.mktemp("zoo")
+    env = {**__import__("os").environ, "DEPLOYKIT_ZOO_DIR": str(zoo)}
+    subprocess.run([sys.executable, "-m", "deploykit.cli", "zoo", "train", "shapes-tiny"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    return zoo
+
+
+def test_zoo_train_writes_an_sd_pipeline_folder_that_loads_everywhere(tiny_zoo, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from deploykit.models import load_teacher
+    from deploykit.models.teacher import check_teacher_spec, teacher_kind
+
+    folder = tiny_zoo / "shapes-tiny"
+    assert {p.name for p in folder.iterdir()} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+                                                 "scheduler", "card.json", "attributes.safetensors",
+                                                 "fid_reference.safetensors"}
+    card = json.loads((folder / "card.json").read_text())
+    entry = get_entry("shapes-tiny")
+    assert card["settings"]["teacher"]["steps"] == entry.teacher.steps and card["command"] == "deploykit zoo train shapes-tiny"
+    assert set(card["time"]["parts"]) >= {"classifier", "vae", "text_encoder_unet"}
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.safety_checker is None and pipe.vae.config.scaling_factor == card["configs"]["vae"]["scaling_factor"]
+    image = pipe("one small red circle in the center", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    monkeypatch.setenv("DEPLOYKIT_ZOO_DIR", str(tiny_zoo))
+    assert teacher_kind("zoo:shapes-tiny") == "pipeline" and teacher_kind("zoo:digits-tiny") == "pixel"
+    check_teacher_spec("zoo:shapes-tiny")
+    teacher = load_teacher("zoo:shapes-tiny")
+    assert teacher.kind == "sd" and teacher.sample_shape == (4, 16, 16) and teacher.dataset == "shapes"
+    assert next(teacher.model.parameters()).dtype == torch.float32  # shipped in fp16, run in fp32
+
+
+def test_an_untrained_zoo_pipeline_is_one_clear_input_error(tmp_path, monkeypatch):
+    from deploykit.errors import InputError
+    from deploykit.models.teacher import check_teacher_spec
+
+    monkeypatch.setenv("DEPLOYKIT_ZOO_DIR", str(tmp_path))
+    with pytest.raises(InputError, match="deploykit zoo train shapes-tiny"):
+        check_teacher_spec("zoo:shapes-tiny")
