@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -30,7 +30,8 @@ from deploykit.io import atomic_write_json
 from deploykit.models import load_model
 from deploykit.models.vae_decoder import save_decoder, tiny_decoder_for
 from deploykit.runtime import make_pipeline_scheduler
-from deploykit.stages.base import Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.base import MODEL_PACKAGES, Markdown, Preflight, PublishContext, ReportContext, StageConfig, StageContext, StageSpec
+from deploykit.stages.bounds import BatchSize, Runs, Samples, SamplingSteps, StepCount, TrainingSteps
 from deploykit.stages.data import DECODER_ROLE, is_pipeline, load_teacher_pipeline, read_prompts, teacher_meta
 
 FOLDER = "vae_decoder"
@@ -47,20 +48,20 @@ class DecoderStage(StageConfig):
     method: Literal["tiny"] = Field("tiny", description="tiny: diffusers' DecoderTiny (TAESD's decoder), trained here")
     width: int | None = Field(None, ge=4, le=1024, description="channels at every level (default: the teacher decoder's "
                                                                f"full-resolution width, at most {TAESD_WIDTH})")
-    num_blocks: list[int] | None = Field(None, min_length=1, max_length=8,
+    num_blocks: list[Annotated[int, Field(ge=1, le=16)]] | None = Field(None, min_length=1, max_length=8,
                                          description="residual blocks per level, lowest resolution first (default: 3 per "
                                                      "level and 1 at full resolution, as TAESD)")
     prompts: str = Field(min_length=1, description="a text file of prompts, one per line (relative to the recipe): the "
                                                    "teacher generates the latents the decoder learns from")
-    samples: int = Field(256, ge=2, le=1_000_000, description="latents the teacher generates (cycled over the prompts)")
-    sample_steps: int = Field(20, ge=1, le=1000, description="DDIM steps per generated latent")
+    samples: Samples = Field(256, ge=2, description="latents the teacher generates (cycled over the prompts)")
+    sample_steps: SamplingSteps = Field(20, description="DDIM steps per generated latent")
     guidance_scale: float = Field(7.5, ge=1.0, le=50.0)
     held_out: float = Field(0.125, gt=0, lt=1, description="share of the latents kept out of training to measure the decoder on")
-    steps: int = Field(1000, ge=1, le=10_000_000)
-    batch_size: int = Field(16, ge=1, le=4096)
+    steps: TrainingSteps = 1000
+    batch_size: BatchSize = 16
     lr: float = Field(2e-3, gt=0, lt=1)
-    warmup_steps: int = Field(50, ge=0)
-    timing_runs: int = Field(20, ge=3, le=10_000, description="interleaved decode pairs timed on the held-out latents")
+    warmup_steps: StepCount = 50
+    timing_runs: Runs = Field(20, description="interleaved decode pairs timed on the held-out latents")
 
     @field_validator("num_blocks")
     @classmethod
@@ -198,4 +199,5 @@ def publish(ctx: PublishContext) -> None:
 
 DECODER = StageSpec(name="decoder", version="1", config=DecoderStage, reads=("teacher",), writes={DECODER_ROLE: FOLDER},
                     run=run, file_fields=("prompts",), preflight=preflight, report=report_section,
+                    depends_on=MODEL_PACKAGES, machine=True,  # it times the two decoders
                     markdown=markdown_rows, publish=publish)
