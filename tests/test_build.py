@@ -28,6 +28,9 @@ def test_report_has_the_figures(built_artifact):
         assert abs(report["speedup"][backend] - expected) < 1e-9
     assert report["macs_ratio"] <= 0.5
     assert abs(report["macs_ratio"] - report["student"]["macs"] / report["teacher"]["macs"]) < 1e-9
+    for role in ROLES:  # attention's products on top of the convolutions and linear layers
+        assert 0 < report[role]["macs_dense_layers"] < report[role]["macs"]
+    assert "convolutions and linear layers only" in (out / "report.md").read_text()
     for role in ("pruned", "student"):
         assert {"psnr_vs_teacher", "ssim_vs_teacher"} <= set(report[role]["quality"])
     assert all(c["passed"] for c in report["export"].values())

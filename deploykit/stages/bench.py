@@ -29,7 +29,8 @@ from deploykit.bench.machine import device_info
 from deploykit.bench.peers import Config, peers
 from deploykit.errors import InputError
 from deploykit.io import atomic_write_json
-from deploykit.models import count_macs, count_params, load_model
+from deploykit.models import count_params, load_model
+from deploykit.models.ops import measure_macs
 from deploykit.runtime import TorchBackend, cpu_threads
 from deploykit.runtime.backends import ONNX_BACKENDS, onnx_backend
 from deploykit.sparsity import MASKS_FILE
@@ -360,7 +361,7 @@ def run(ctx: StageContext) -> dict:
         "shape": [batch, *meta["sample_shape"]],
         "precision": cfg.precision,
         "device": device_info(cuda=any(b.endswith("cuda") for b in cfg.backends)),
-        "models": {role: {"params": count_params(m), "macs": count_macs(m, inputs)} for role, m in models.items()},
+        "models": {role: _size(m, inputs) for role, m in models.items()},
         "window": "every backend's models round-robin in one window",
         "backends": {},
     }
@@ -409,13 +410,20 @@ def _timed(record: dict, name: str) -> dict | None:
     return None if timed is None else {k: v for k, v in timed.items() if not k.startswith("speedup")}
 
 
+def _size(model, inputs) -> dict:
+    macs = measure_macs(model, inputs)
+    # macs_dense_layers: convolutions and linear layers only, the count published tables use
+    return {"params": count_params(model), "macs": macs.total, "macs_dense_layers": macs.dense_layers}
+
+
 def report_section(ctx: ReportContext) -> dict:
     bench = ctx.read_json("bench.json")
     batch = bench["shape"][0]
     out: dict = {}
     for name in ctx.entries:
         model = "student" if name == "pruned" else name
-        entry = {k: bench["models"][model][k] for k in ("params", "macs")} if model in bench["models"] else {}
+        entry = ({k: v for k, v in bench["models"][model].items() if k in ("params", "macs", "macs_dense_layers")}
+                 if model in bench["models"] else {})
         if name != "pruned":  # the pruned model has the student's graph; it is timed once, as the student
             entry["latency"] = {b: {**timed, "device": _device(bench, b)} for b, rec in bench["backends"].items()
                                 if (timed := _timed(rec, name)) is not None}
@@ -536,7 +544,7 @@ def publish(ctx: PublishContext) -> None:
     latency_bars(ctx.into["plots"] / "latency.png", json.loads((ctx.folder / "bench.json").read_text()))
 
 
-BENCH = StageSpec(name="bench", version="2", config=BenchStage, reads=("teacher", "student"),
+BENCH = StageSpec(name="bench", version="3", config=BenchStage, reads=("teacher", "student"),
                   optional_reads=("onnx", "onnx_int8"), writes={"bench": "."}, run=run, check=check, preflight=preflight,
                   depends_on=(*MODEL_PACKAGES, *ONNX_PACKAGES, "openvino"), machine=True, memory=memory,
                   report=report_section, markdown=markdown_rows, publish=publish)

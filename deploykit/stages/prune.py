@@ -107,6 +107,9 @@ def run(ctx: StageContext) -> dict:
         "macs_per_sample_teacher": result.macs_before,
         "macs_per_sample_student": result.macs_after,
         "macs_ratio": result.macs_ratio,
+        # convolutions and linear layers only, as published tables (BK-SDM's 338.7 G for SD1.5) count them
+        "macs_dense_layers_per_sample_teacher": result.macs_dense_layers_before,
+        "macs_dense_layers_per_sample_student": result.macs_dense_layers_after,
         "params_teacher": result.params_before,
         "params_student": result.params_after,
         "pruning_ratio": result.pruning_ratio,
@@ -128,6 +131,8 @@ def report_section(ctx: ReportContext) -> dict:
         model = "teacher" if name == "teacher" else "student"
         out[name] = {"params": prune[f"params_{model}"], "macs_per_sample": prune[f"macs_per_sample_{model}"],
                      "macs": prune[f"macs_per_sample_{model}"]}
+        if f"macs_dense_layers_per_sample_{model}" in prune:  # prune.json of version 3 on
+            out[name]["macs_dense_layers"] = prune[f"macs_dense_layers_per_sample_{model}"]
     out["macs_ratio"] = prune["macs_ratio"]
     out["params_ratio"] = prune["params_student"] / prune["params_teacher"]
     out["prune"] = {k: prune[k] for k in ("criterion", "macs_target", "pruning_ratio")}
@@ -137,11 +142,14 @@ def report_section(ctx: ReportContext) -> dict:
 def markdown_rows(report: dict) -> Markdown | None:
     if "prune" not in report:
         return None
+    dense = [report.get(m, {}).get("macs_dense_layers") for m in ("student", "teacher")]
+    dense_note = f" (convolutions and linear layers only: {dense[0] / dense[1]:.3f})" if all(dense) else ""
     return Markdown(body=[
-        f"MACs ratio (student / teacher): {report['macs_ratio']:.3f}; params ratio {report['params_ratio']:.3f}; "
-        f"criterion `{report['prune']['criterion']}`, pruning ratio {report['prune']['pruning_ratio']:.3f}."])
+        f"MACs ratio (student / teacher, attention included): {report['macs_ratio']:.3f}{dense_note}; params ratio "
+        f"{report['params_ratio']:.3f}; criterion `{report['prune']['criterion']}`, pruning ratio "
+        f"{report['prune']['pruning_ratio']:.3f}."])
 
 
-PRUNE = StageSpec(name="prune", version="2", config=PruneStage, reads=("teacher",), writes={"student": ".", "prune": "."},
+PRUNE = StageSpec(name="prune", version="3", config=PruneStage, reads=("teacher",), writes={"student": ".", "prune": "."},
                   run=run, depends_on=(*MODEL_PACKAGES, "torch-pruning"), resolve=resolve, preflight=preflight, memory=memory,
                   report=report_section, markdown=markdown_rows)
