@@ -156,7 +156,7 @@ def test_the_readme_has_marked_tables_and_every_table_of_decimal_figures_is_mark
         end = i
         while end < len(lines) and lines[end].startswith("|"):
             end += 1
-        has_decimals = any("." in n for line in lines[i + 2:end] for n in numbers(line))
+        has_decimals = any("." in n for body in lines[i + 2:end] for n in numbers(body))
         assert not has_decimals or i in marked, f"README.md:{i + 1}: a table of figures without a <!-- figures: ... --> line above it"
 
 
