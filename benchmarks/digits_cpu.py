@@ -1,14 +1,15 @@
 """The default recipe's figures, committed: `python benchmarks/digits_cpu.py`.
 
-Builds `recipes/digits_cpu.yaml` (the zoo digits teacher, pruned, recovered, exported, benchmarked
+Builds `recipes/digits_cpu.yaml` (the zoo digits teacher, pruned, distilled, exported, benchmarked
 and evaluated on this CPU) into a fresh folder and writes `benchmarks/results/digits_cpu.json` and
-`.md` with the machine it ran on. Every number comes from one build: speedups are teacher p50 /
-student p50 from the same interleaved run.
+`.md` with the machine it ran on and the date. Every number comes from one build: speedups are
+teacher p50 / student p50 from the same interleaved run.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import sys
@@ -39,6 +40,7 @@ def main() -> int:
     versions = package_versions()
     result = {
         "command": "python benchmarks/digits_cpu.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": str(RECIPE.relative_to(HERE.parent)),
         "build_seconds": round(seconds, 1),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
@@ -48,7 +50,8 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "digits_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    header = (f"# digits_cpu: the default recipe, measured\n\n`{result['command']}` on {result['machine'].get('cpu')}, "
+    header = (f"# digits_cpu: the default recipe, measured\n\n`{result['command']}` on {result['date'][:10]}, "
+              f"{result['machine'].get('cpu')}, "
               f"{result['machine'].get('threads')} threads, {result['machine']['platform']}; torch "
               f"{result['packages']['torch']}, onnxruntime {result['packages']['onnxruntime']}. "
               f"Whole build {seconds / 60:.1f} min.\n\n")
