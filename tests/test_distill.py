@@ -406,16 +406,16 @@ def test_a_stable_diffusion_teacher_distils_on_a_prompt_file(tmp_path):
     assert "generating 4 teacher samples from 1 prompts" in log
 
 
-@pytest.mark.parametrize("teacher, extra, distill, message", [
-    ("zoo:digits", "target: cpu\n", "    mixed_precision: bf16\n", "distill.mixed_precision bf16 needs target cuda"),
-    ("zoo:digits", "", "    gradient_accumulation: 3\n", "does not split into gradient_accumulation 3"),
-    ("zoo:digits", "", "    adversarial_warmup: 5\n", "would never start"),
+@pytest.mark.parametrize("teacher, extra, distill, steps, message", [
+    ("zoo:digits", "target: cpu\n", "    mixed_precision: bf16\n", 5, "distill.mixed_precision bf16 needs target cuda"),
+    ("zoo:digits", "", "    gradient_accumulation: 3\n", 5, "does not split into gradient_accumulation 3"),
+    ("zoo:digits", "", "", 2, "would never start"),  # the recipe's adversarial_warmup: 2
 ])
-def test_bad_distill_settings_are_named(tmp_path, teacher, extra, distill, message):
+def test_bad_distill_settings_are_named(tmp_path, teacher, extra, distill, steps, message):
     from deploykit.errors import InputError
     from deploykit.recipe import load_recipe
 
-    recipe = _recipe(tmp_path, teacher=teacher, steps=5, extra=extra, distill_extra=distill)
+    recipe = _recipe(tmp_path, teacher=teacher, steps=steps, extra=extra, distill_extra=distill)
     with pytest.raises(InputError, match=message):
         load_recipe(recipe)
 
