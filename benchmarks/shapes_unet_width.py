@@ -88,7 +88,8 @@ def main() -> int:
     result = {
         "command": "python benchmarks/shapes_unet_width.py",
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], **device_info(),
-                    "load_average_1_5_15": [round(x, 2) for x in load]},
+                    "load_average_1_5_15": [round(x, 2) for x in load],
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
         "configs": {"full": full, "half": half},
         "gmacs_per_call": {k: round(v / 1e9, 3) for k, v in macs.items()},
         "latency": {k: {"p50_ms": round(v.p50_ms, 2), "p90_ms": round(v.p90_ms, 2), "runs": v.runs} for k, v in latency.items()},
@@ -105,8 +106,8 @@ def main() -> int:
         "# shapes teacher UNet: full width against half the channels, batch 2",
         "",
         f"`{result['command']}` on {m['cpu']}, {m['threads']} threads, {m['platform']}, torch {m['torch']}, "
-        f"onnxruntime {ort.__version__}; load average during the run {load[0]:.1f} (other processes shared the cores: "
-        "round-robin timing, so both widths saw the same contention).",
+        f"onnxruntime {ort.__version__}, OMP_WAIT_POLICY {m['omp_wait_policy']}; load average at the end "
+        f"{load[0]:.1f} (other processes shared the cores: round-robin timing, so both widths saw the same contention).",
         "",
         "| width | block_out_channels | GMACs / call | torch-cpu p50 | onnxruntime-cpu p50 |",
         "|---|---|---|---|---|",
