@@ -82,7 +82,9 @@ def run_build(recipe: Path, out: Path, overrides: tuple[str, ...] = ()) -> dict:
 
     overrides = tuple(o for o in overrides if o.split(".")[0] not in STAGES or o.split(".")[0] in listed)
     before, started = load(), time.perf_counter()
-    report = build(load_recipe(recipe, overrides), recipe, out, console, overrides=overrides)
+    # the ablation recipes live in --work and read the flagship's prompt file from recipes/
+    recipe_obj = load_recipe(recipe, allowed=[REPO / "recipes"], overrides=overrides)
+    report = build(recipe_obj, recipe, out, console, overrides=overrides)
     seconds = time.perf_counter() - started
     return {"out": str(out), "seconds": round(seconds, 1), "load_before": before, "load_after": load(),
             "report": report}
@@ -350,7 +352,7 @@ def main() -> int:
         parser.error("--seeds must include 0 (the ablations and every row but the last use seed 0)")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    flagship = load_recipe(FLAGSHIP, tuple(args.set))
+    flagship = load_recipe(FLAGSHIP, overrides=tuple(args.set))
     builds = {}
     # seed 0 and the ablations first: with --seeds 0 alone the table is whole, and a later run with more seeds
     # takes these from --work's stage cache
