@@ -284,6 +284,10 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _num(v: float | None, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def markdown(result: dict) -> str:
     q, lat, e2e = result["quality"], result["unet_latency"], result["end_to_end"]
     ref = q["reference"]
@@ -311,7 +315,7 @@ def markdown(result: dict) -> str:
         p50, sp = lat["p50_ms"].get(t), lat["speedup"].get(t)
         lines.append(f"| {name} | {1.0 if name == 'teacher' else macs_ratio:.3f} | {p50:.2f} | {sp:.2f}x | "
                      f"{_pct(s['prompt_accuracy'])} | {_pct(s['prompt_accuracy_trained'])} | {_pct(s['prompt_accuracy_held_out'])} | "
-                     f"{s['fid']:.2f} | {s.get('psnr_vs_teacher', float('nan')):.2f} | {s.get('ssim_vs_teacher', float('nan')):.3f} |")
+                     f"{s['fid']:.2f} | {_num(s.get('psnr_vs_teacher'), 2)} | {_num(s.get('ssim_vs_teacher'), 3)} |")
     final = result["final"]
     lines += ["", f"The last row over {len(final['seeds'])} build seeds ({', '.join(map(str, final['seeds']))}; the images "
               "use the same noise every time): mean ± standard deviation.", "",
