@@ -44,22 +44,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     recipe = yaml.safe_load(args.recipe.read_text())
+    overrides = []
     if args.backends:
-        bench = [s for s in recipe["stages"] if s["stage"] == "bench"]
-        if not bench:
+        if not any(s["stage"] == "bench" for s in recipe["stages"]):
             print(f"error: {args.recipe} has no bench stage", file=sys.stderr)
             return 2
-        bench[0]["backends"] = args.backends
+        # --set on the recipe file itself: files it names (prompt files) resolve against its own folder
+        overrides = ["--set", f"bench.backends=[{', '.join(args.backends)}]"]
     name = args.name or args.recipe.stem
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / args.recipe.name
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        for extra in args.recipe.parent.glob("*.txt"):  # prompt files a recipe names, relative to it
-            shutil.copy(extra, Path(tmp) / extra.name)
         out = Path(tmp) / "artifact"
         load_before = os.getloadavg()
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", "deploykit.cli", "build", str(path), "--out", str(out)]
+        cmd = [sys.executable, "-m", "deploykit.cli", "build", str(args.recipe), "--out", str(out), *overrides]
         result = subprocess.run(cmd + (["--random-weights"] if args.random_weights else []))
         seconds = time.perf_counter() - started
         if result.returncode != 0:

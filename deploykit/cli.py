@@ -108,7 +108,14 @@ def _cmd_zoo_train(args) -> int:
     except KeyError as e:
         raise InputError(str(e.args[0])) from None
     out = Path(args.out) if args.out else entry.folder
-    card = train_zoo_entry(entry, out, steps=args.steps)
+    if args.device != "cpu":
+        import torch
+
+        if entry.kind == "pixel":
+            raise InputError(f"zoo:{entry.name} trains on the CPU only (minutes); --device is for text-to-image teachers")
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: not available here (cpu, or cuda[:N] where torch sees a GPU)")
+    card = train_zoo_entry(entry, out, steps=args.steps, device=args.device)
     console.print(f"[green]trained zoo:{entry.name}[/] into {out}: final loss {card['final_loss_mean_last_100']}, "
                   f"classifier held-out accuracy {card['classifier_held_out_accuracy']:.3f}, {card['train_seconds']:.0f} s")
     return 0
@@ -260,6 +267,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--steps", type=int, help="override the teacher's training steps")
     p.add_argument("--out", help="output folder (default: the package's zoo folder)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where a text-to-image teacher trains")
     p.set_defaults(func=_cmd_zoo_train)
     return parser
 

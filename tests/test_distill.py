@@ -444,3 +444,31 @@ def test_the_sd_dakd_recipe_is_valid_and_its_prompt_file_reads():
     recipe = load_recipe(REPO / "recipes" / "sd15_dakd_gpu.yaml")
     distill = recipe.stage("distill")
     assert len(read_prompts(REPO / "recipes" / distill.prompts)) >= 32
+
+
+def test_denoising_targets_follow_the_prediction_type():
+    from deploykit.models.objectives import denoising_target
+
+    x0, noise, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 300, 600, 999])
+    eps, v = DDPMScheduler(), DDPMScheduler(prediction_type="v_prediction")
+    assert denoising_target(eps, x0, noise, t) is noise
+    ab = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(denoising_target(v, x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    assert denoising_target(DDPMScheduler(prediction_type="sample"), x0, noise, t) is x0
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        denoising_target(type("S", (), {"config": type("C", (), {"prediction_type": "flow"})})(), x0, noise, t)
+
+
+def test_recovery_regresses_a_v_prediction_teachers_target(pair):
+    """A student that predicts zero misses epsilon by E[noise^2] = 1, but v by E[alpha_bar] on clean zeros:
+    the denoising term must measure the target the teacher's scheduler samples with."""
+    teacher, student = pair
+    with torch.no_grad():
+        student.conv_out.weight.zero_()
+        student.conv_out.bias.zero_()
+    zeros = lambda step, gen: torch.zeros(64, 1, 16, 16)  # noqa: E731
+    cfg = DistillConfig(steps=1, output_kd_weight=0)
+    denoise = {kind: distill(copy.deepcopy(student), teacher, DDPMScheduler(prediction_type=kind), zeros, cfg)[1][0]["denoise"]
+               for kind in ("epsilon", "v_prediction")}
+    assert denoise["epsilon"] == pytest.approx(1.0, abs=0.05)
+    assert denoise["v_prediction"] < 0.6 * denoise["epsilon"]

@@ -233,3 +233,28 @@ def test_a_skip_or_set_that_cannot_work_exits_2_and_writes_nothing(tmp_path, arg
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("attention", ["heads", "head_dims"])
+def test_the_prune_stage_shrinks_attention_as_the_recipe_says(tmp_path, attention):
+    """A recipe chooses whole heads or per-head dims; the student's attention shows which, and prune.json says so."""
+    from diffusers.models.attention_processor import Attention
+
+    from deploykit.models.architecture import load_model
+
+    recipe = write(tmp_path, "random:tiny-sd", stages="")
+    result = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--set", f"prune.attention={attention}")
+    assert result.returncode == 0, result.stderr
+    stage = next((tmp_path / "out").glob("stages/*-prune-*"))
+    assert json.loads((stage / "prune.json").read_text())["attention"] == attention
+    teacher = {n: m for n, m in load_model(next((tmp_path / "out").glob("stages/*-teacher-*")) / "model").named_modules()
+               if isinstance(m, Attention)}
+    student = {n: m for n, m in load_model(stage / "model").named_modules() if isinstance(m, Attention)}
+    shrunk = [n for n in student if student[n].to_q.out_features < teacher[n].to_q.out_features]
+    assert shrunk, "the search pruned no attention width at half the MACs"
+    for n in shrunk:
+        head_dim = (student[n].to_q.out_features // student[n].heads, teacher[n].to_q.out_features // teacher[n].heads)
+        if attention == "heads":
+            assert student[n].heads < teacher[n].heads and head_dim[0] == head_dim[1], n
+        else:
+            assert student[n].heads == teacher[n].heads and head_dim[0] < head_dim[1], n

@@ -33,6 +33,7 @@ from deploykit.distill.losses import ChannelProjection, Discriminator
 from deploykit.distill.sparse import MaskKeeper
 from deploykit.distill.taps import Taps, attention_names, block_output_names
 from deploykit.distributed import launched, process_state
+from deploykit.models.objectives import denoising_target
 from deploykit.models.wrappers import TensorOutput
 
 TEACHER_TERMS = ("output_kd", "feature_kd", "attention_kd", "distribution_kd", "adversarial")
@@ -237,7 +238,7 @@ class DistillTrainer:
                 with torch.no_grad(), self.teacher_taps.recording() as taps_t:
                     eps_t = TensorOutput(self.teacher)(xt, t, **batch.cond)
         eps_s = eps_s.float()
-        terms = {"denoise": F.mse_loss(eps_s, noise)}
+        terms = {"denoise": F.mse_loss(eps_s, denoising_target(self.noise_scheduler, batch.sample, noise, t))}
         if self._uses("output_kd"):
             terms["output_kd"] = F.mse_loss(eps_s, eps_t.float())
         if self._uses("feature_kd"):

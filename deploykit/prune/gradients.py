@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploykit.models.objectives import denoising_target
+
 ForwardLoop = Callable[[nn.Module], None]
 
 
@@ -45,20 +47,20 @@ class GradientData:
 
 
 def _noised_batches(data: GradientData, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``data.batches`` batches of (x_t, noise, t) at uniformly drawn timesteps."""
+    """``data.batches`` batches of (x_t, training target, t) at uniformly drawn timesteps."""
     for _ in range(data.batches):
         x0 = data.fixed_batch(gen)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, data.num_timesteps, (len(x0),), generator=gen)
-        yield data.noise_scheduler.add_noise(x0, noise, t), noise, t
+        yield data.noise_scheduler.add_noise(x0, noise, t), denoising_target(data.noise_scheduler, x0, noise, t), t
 
 
 def random_timesteps(data: GradientData) -> ForwardLoop:
     """Plain Taylor: the training loss (denoising MSE) at uniformly drawn timesteps."""
 
     def loop(model: nn.Module) -> None:
-        for xt, noise, t in _noised_batches(data, torch.Generator().manual_seed(data.seed)):
-            F.mse_loss(model(xt, t).sample, noise).backward()
+        for xt, target, t in _noised_batches(data, torch.Generator().manual_seed(data.seed)):
+            F.mse_loss(model(xt, t).sample, target).backward()
 
     return loop
 
@@ -79,7 +81,8 @@ def diff_pruning(data: GradientData, threshold: float = 0.05, stride: int = 1,
         loss_max = 0.0
         for step in range(0, data.num_timesteps, stride):
             t = torch.full((len(x0),), step, dtype=torch.long)
-            loss = F.mse_loss(model(data.noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+            target = denoising_target(data.noise_scheduler, x0, noise, t)
+            loss = F.mse_loss(model(data.noise_scheduler.add_noise(x0, noise, t), t).sample, target)
             loss.backward()
             value = loss.item()
             if visited is not None:

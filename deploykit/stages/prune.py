@@ -41,6 +41,9 @@ class PruneStage(StageConfig):
         None, description="fnmatch patterns of layers whose output channels stay dense (default: "
                           f"{', '.join(DEFAULT_IGNORED)}; SD UNets also conv_in and add_embedding.*)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1)
+    attention: Literal["heads", "head_dims", "dense"] = Field(
+        "heads", description="how attention widths shrink: whole heads (exact, keeps kernel-friendly head widths), "
+                             "the same dims of every head (finer steps where a model has few heads), or not at all")
     gradient_batches: Batches = Field(4, description="batches for the gradient criteria and block-removal's calibration")
     batch_size: BatchSize = 64
 
@@ -91,7 +94,7 @@ def run(ctx: StageContext) -> dict:
 
     config = PruneConfig(criterion=cfg.criterion, macs_target=cfg.macs_target, round_to=cfg.round_to,
                          ignored=None if cfg.ignored is None else tuple(cfg.ignored), max_layer_ratio=cfg.max_layer_ratio,
-                         seed=ctx.seed)
+                         attention=cfg.attention, seed=ctx.seed)
     with ctx.progress("searching pruning ratio", config.search_steps) as advance:
         try:
             student, result = prune_to_macs(
@@ -103,6 +106,7 @@ def run(ctx: StageContext) -> dict:
     save_model(student, ctx.out / "model")
     summary = {
         "criterion": cfg.criterion,
+        "attention": cfg.attention,
         "macs_target": cfg.macs_target,
         "macs_per_sample_teacher": result.macs_before,
         "macs_per_sample_student": result.macs_after,

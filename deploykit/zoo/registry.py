@@ -108,7 +108,7 @@ class VaeTraining:
 
 @dataclass(frozen=True)
 class PipelineTraining:
-    """The text encoder and the UNet, trained jointly on the VAE's latents (epsilon prediction)."""
+    """The text encoder and the UNet, trained jointly on the VAE's latents (the target the entry's scheduler names)."""
 
     images: int = 24000
     steps: int = 3000
@@ -146,6 +146,12 @@ class Sampling:
     seed: int = 4
 
 
+# SD1.5's noise schedule and DDIM settings (its scheduler_config, with DDIM in place of PNDM).
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                  "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
+                  "timestep_spacing": "leading"}
+
+
 @dataclass(frozen=True)
 class PipelineZooEntry:
     """A text-to-image teacher with SD1.5's component types, saved as a StableDiffusionPipeline folder."""
@@ -161,6 +167,8 @@ class PipelineZooEntry:
     teacher: PipelineTraining = field(default_factory=PipelineTraining)
     classifier: AttributeTraining = field(default_factory=AttributeTraining)
     sampling: Sampling = field(default_factory=Sampling)
+    # the training noise schedule and the shipped DDIM's; a v_prediction schedule trains on the velocity
+    scheduler: dict = field(default_factory=lambda: dict(SD15_SCHEDULER))
     kind = "sd"
     eval_files = ("attributes.safetensors", "fid_reference.safetensors")
 

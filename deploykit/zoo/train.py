@@ -107,13 +107,17 @@ def train_teacher(entry: ZooEntry, images: torch.Tensor, cfg: TeacherTraining, p
     return ema.eval(), losses
 
 
-def train_zoo_entry(entry: ZooEntry | PipelineZooEntry, out_dir: Path, steps: int | None = None) -> dict:
+def train_zoo_entry(entry: ZooEntry | PipelineZooEntry, out_dir: Path, steps: int | None = None,
+                    device: str = "cpu") -> dict:
     """Train teacher and classifier; write weights, configs and the card into ``out_dir`` atomically."""
     if entry.kind != "pixel":
         from deploykit.zoo.train_pipeline import train_pipeline_entry
 
         with _progress() as progress:
-            return train_pipeline_entry(entry, out_dir, steps, progress)
+            return train_pipeline_entry(entry, out_dir, steps, progress, device)
+    if device != "cpu":
+        raise ValueError(f"zoo:{entry.name} trains on the CPU only (a few minutes); --device {device} is for "
+                         "text-to-image teachers")
     images, labels = load_digits_images(entry.resolution)
     teacher_cfg = entry.teacher if steps is None else TeacherTraining(**{**entry.settings()["teacher"], "steps": steps})
     started = time.time()

@@ -25,14 +25,10 @@ from rich.progress import Progress
 
 from deploykit.eval.attributes import CLASSIFIER_FILE, AttributeClassifier, save_attribute_classifier
 from deploykit.io import atomic_write_json, make_temp_dir, replace_dir
+from deploykit.models.objectives import denoising_target
 from deploykit.zoo import shapes
 from deploykit.zoo.registry import AttributeTraining, PipelineTraining, PipelineZooEntry, Sampling, VaeTraining
 from deploykit.zoo.tokenizer import MAX_LENGTH, save_word_tokenizer
-
-# SD1.5's noise schedule and DDIM settings (its scheduler_config, with DDIM in place of PNDM).
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-             "prediction_type": "epsilon", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
-             "timestep_spacing": "leading"}
 
 
 class Clock:
@@ -74,8 +70,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
             pe.lerp_(pm, 1 - decay)
 
 
-def _batch(images: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
-    return shapes.to_tensor(images[idx.numpy()])
+def _batch(images: np.ndarray, idx: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    return shapes.to_tensor(images[idx.numpy()]).to(device)
 
 
 def _task(progress: Progress | None, name: str, total: int) -> Callable[[str], None]:
@@ -101,15 +97,16 @@ def _augment(x: torch.Tensor, cfg: AttributeTraining, gen: torch.Generator) -> t
     return x + sigma * torch.randn(x.shape, generator=gen)
 
 
-def train_attribute_classifier(cfg: AttributeTraining, progress: Progress | None = None) -> tuple[AttributeClassifier, dict]:
-    """Train on every combination; returns the model and its accuracy per attribute on a held-out split."""
+def train_attribute_classifier(cfg: AttributeTraining, progress: Progress | None = None,
+                               device: torch.device | str = "cpu") -> tuple[AttributeClassifier, dict]:
+    """Train on every combination; returns the model (on the CPU) and its accuracy per attribute on a held-out split."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images, attrs = shapes.make_dataset(cfg.images, cfg.seed, held_out=None)
     labels = {name: torch.tensor([values.index(getattr(a, name)) for a in attrs]) for name, values in shapes.ATTRIBUTES.items()}
     n_held = int(round(cfg.images * cfg.held_out))
     train_idx, held_idx = torch.arange(n_held, cfg.images), torch.arange(n_held)
-    model = AttributeClassifier(shapes.ATTRIBUTES)
+    model = AttributeClassifier(shapes.ATTRIBUTES).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
@@ -119,14 +116,14 @@ def train_attribute_classifier(cfg: AttributeTraining, progress: Progress | None
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            logits = model(_augment(_batch(images, idx), cfg, gen))
-            loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in logits)
+            logits = model(_augment(_batch(images, idx), cfg, gen).to(device))
+            loss = sum(F.cross_entropy(logits[name], labels[name][idx].to(device)) for name in logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             advance(f"loss {loss.item():.3f}")
-    read = model.eval().read(shapes.to_tensor(images[held_idx.numpy()]))
+    read = model.cpu().eval().read(shapes.to_tensor(images[held_idx.numpy()]))
     accuracy = {name: round(float(np.mean([v == getattr(attrs[i], name) for i, v in zip(held_idx.tolist(), read[name])])), 4)
                 for name in shapes.ATTRIBUTES}
     return model, accuracy
@@ -140,20 +137,22 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     return ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
 
 
-def train_vae(entry: PipelineZooEntry, images: np.ndarray, cfg: VaeTraining, progress: Progress | None = None):
+def train_vae(entry: PipelineZooEntry, images: np.ndarray, cfg: VaeTraining, progress: Progress | None = None,
+              device: torch.device | str = "cpu"):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, **entry.vae_config)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **entry.vae_config).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
     advance = _task(progress, "vae", cfg.steps)
     losses = []
     for step in range(cfg.steps):
-        x = _batch(images, torch.randint(0, len(images), (cfg.batch_size,), generator=gen))
+        x = _batch(images, torch.randint(0, len(images), (cfg.batch_size,), generator=gen), device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(posterior.mean + posterior.std * eps).sample
         # the shapes cover a few percent of the pixels: weighted like the background, their colour is
         # learned last (a plain L1 VAE draws every shape grey for hundreds of steps)
         weight = 1.0 + (cfg.foreground_weight - 1.0) * _foreground(x)
@@ -170,10 +169,12 @@ def train_vae(entry: PipelineZooEntry, images: np.ndarray, cfg: VaeTraining, pro
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The posterior's mean and std of every image (training samples from it, as SD's training does)."""
+    """The posterior's mean and std of every image (training samples from it, as SD's training does),
+    on the VAE's device."""
+    device = next(vae.parameters()).device
     means, stds = [], []
     for i in range(0, len(images), batch_size):
-        dist = vae.encode(shapes.to_tensor(images[i:i + batch_size])).latent_dist
+        dist = vae.encode(shapes.to_tensor(images[i:i + batch_size]).to(device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
@@ -181,7 +182,7 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
 
 @torch.no_grad()
 def vae_reconstruction_l1(vae, images: np.ndarray) -> float:
-    x = shapes.to_tensor(images)
+    x = shapes.to_tensor(images).to(next(vae.parameters()).device)
     return float(F.l1_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1), x))
 
 
@@ -202,38 +203,46 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 def train_text_and_unet(entry: PipelineZooEntry, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, cfg: PipelineTraining,
-                        progress: Progress | None = None, text_encoder=None, on_step: Callable | None = None):
-    """Joint training, epsilon prediction on SD's schedule; returns the EMA text encoder and UNet."""
+                        progress: Progress | None = None, text_encoder=None, on_step: Callable | None = None,
+                        device: torch.device | str = "cpu"):
+    """Joint training on the entry's noise schedule and objective; returns the EMA text encoder and UNet.
+
+    Every random draw comes from one CPU generator, so a run's data order and noise are the same on any device.
+    """
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     unet = UNet2DConditionModel(**entry.unet_config)
-    text = text_encoder
-    models = torch.nn.ModuleList([text, unet])
+    models = torch.nn.ModuleList([text_encoder, unet]).to(device)
+    text, unet = models
     ema = copy.deepcopy(models).requires_grad_(False)
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one",)})
-    alphas = noise_scheduler.alphas_cumprod
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in entry.scheduler.items() if k not in ("set_alpha_to_one",)})
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    alphas = noise_scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
+    input_ids, empty_ids = input_ids.to(device), empty_ids.to(device)
     opt = torch.optim.AdamW(models.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
     mean, std = latents
     advance = _task(progress, "text encoder + unet", cfg.steps)
     losses = []
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+        idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen).to(mean.device)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)) * scaling_factor
         ids = input_ids[idx].clone()
-        ids[torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout] = empty_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        ids[(torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)] = empty_ids
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             hidden = text(ids)[0]
             pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        # Min-SNR-gamma for epsilon prediction: weight min(SNR, gamma) / SNR, so the easy low-noise steps
-        # do not pull the gradient away from the ones that decide layout and colour
-        weights = (snr[t].clamp(max=cfg.snr_gamma) / snr[t]) if cfg.snr_gamma > 0 else torch.ones_like(per_sample)
+        target = denoising_target(noise_scheduler, x0, noise, t)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        # Min-SNR-gamma: weight min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, so the easy low-noise
+        # steps do not pull the gradient away from the ones that decide layout and colour
+        weights = (snr[t].clamp(max=cfg.snr_gamma) / (snr[t] + 1 if v_prediction else snr[t])
+                   if cfg.snr_gamma > 0 else torch.ones_like(per_sample))
         loss = (per_sample * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -251,11 +260,11 @@ def train_text_and_unet(entry: PipelineZooEntry, latents: tuple[torch.Tensor, to
 
 # ---- the pipeline ------------------------------------------------------------------------------
 
-def make_pipeline(vae, text_encoder, tokenizer, unet):
+def make_pipeline(vae, text_encoder, tokenizer, unet, scheduler: dict):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(**scheduler), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -293,8 +302,9 @@ def save_pipeline(pipe, folder: Path) -> None:
 # ---- the whole run -----------------------------------------------------------------------------
 
 def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | None = None,
-                         progress: Progress | None = None) -> dict:
-    """Train everything for ``entry``; write the pipeline folder, the classifier and the card atomically."""
+                         progress: Progress | None = None, device: str = "cpu") -> dict:
+    """Train everything for ``entry`` on ``device``; write the pipeline folder, the classifier and the card
+    atomically. Evaluation (prompt accuracy, FID) reads the samples on the CPU, whatever trained them."""
     from deploykit.eval.prompt_accuracy import (
         FID_REFERENCE_FILE,
         chance_accuracy,
@@ -312,21 +322,24 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
-        classifier, classifier_accuracy = clock.part("classifier", train_attribute_classifier, entry.classifier, progress)
+        classifier, classifier_accuracy = clock.part("classifier", train_attribute_classifier, entry.classifier, progress, device)
         images, attrs = clock.part("render", shapes.make_dataset, teacher_cfg.images, teacher_cfg.seed, held_out=False)
-        vae, vae_losses = clock.part("vae", train_vae, entry, images[:entry.vae.images], entry.vae, progress)
+        vae, vae_losses = clock.part("vae", train_vae, entry, images[:entry.vae.images], entry.vae, progress,
+                                     device)
         latents = clock.part("latents", encode_latents, vae, images)
-        sampled = latents[0] + latents[1] * torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(0))
+        sampled = latents[0] + latents[1] * torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(0)).to(device)
         scaling_factor = round(1.0 / float(sampled.std()), 5)
         vae.register_to_config(scaling_factor=scaling_factor)
         tokenizer = save_word_tokenizer(shapes.vocabulary(), tmp / "tokenizer")
         input_ids = tokenize(tokenizer, [shapes.caption(a) for a in attrs])
         text, unet, losses = clock.part(
             "text_encoder_unet", train_text_and_unet, entry, latents, scaling_factor, input_ids,
-            tokenize(tokenizer, [""])[0], teacher_cfg, progress, text_encoder=build_text_encoder(entry, tokenizer))
-        pipe = make_pipeline(vae, text, tokenizer, unet)
+            tokenize(tokenizer, [""])[0], teacher_cfg, progress, text_encoder=build_text_encoder(entry, tokenizer),
+            device=device)
+        pipe = make_pipeline(vae, text, tokenizer, unet, entry.scheduler)
         prompts = shapes.evaluation_prompts(entry.sampling.prompts_per_split, entry.sampling.seed)
-        samples = clock.part("teacher_samples", generate, pipe, prompts, entry.sampling, entry.sampling.seed)
+        samples = clock.part("teacher_samples", generate, pipe, prompts, entry.sampling, entry.sampling.seed).cpu()
+        pipe.to("cpu")
         accuracy = prompt_accuracy(classifier, samples, prompts)
         shuffled = shuffled_prompt_accuracy(classifier, samples, prompts)
         reference = fid_reference(classifier, prompts)
@@ -339,7 +352,7 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
             "resolution": entry.resolution,
             "settings": {**entry.settings(), "teacher": teacher_cfg.__dict__},
             "configs": {"unet": entry.unet_config, "vae": {**entry.vae_config, "scaling_factor": scaling_factor},
-                        "text_encoder": entry.text_config, "scheduler": SCHEDULER},
+                        "text_encoder": entry.text_config, "scheduler": entry.scheduler},
             "held_out_combinations": sorted(" ".join(p) for p in shapes.HELD_OUT),
             "params": {name: sum(p.numel() for p in m.parameters())
                        for name, m in (("unet", unet), ("text_encoder", text), ("vae", vae), ("classifier", classifier))},
@@ -359,7 +372,9 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
                     "features": f"attribute classifier, {classifier.num_features}-d penultimate layer"},
             "time": clock.summary(threads),
             "torch": torch.__version__,
-            "command": f"deploykit zoo train {entry.name}" + ("" if steps is None else f" --steps {steps}"),
+            "device": _device_name(device),
+            "command": f"deploykit zoo train {entry.name}" + ("" if steps is None else f" --steps {steps}")
+                       + ("" if device == "cpu" else f" --device {device}"),
         }
         # everything, from the first image rendered to the card (tokenizer, FID reference, saving included)
         card["time"]["total_wall_s"] = round(time.perf_counter() - started_wall, 1)
@@ -371,6 +386,14 @@ def train_pipeline_entry(entry: PipelineZooEntry, out_dir: Path, steps: int | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return card
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    from deploykit.bench.machine import cpu_name
+
+    return cpu_name()
 
 
 def _rounded(obj):
