@@ -36,7 +36,7 @@ from deploykit.recipe import load_recipe
 from deploykit.runner import build
 
 HERE = Path(__file__).resolve().parent
-METRICS = ("fid", "psnr_vs_teacher", "ssim_vs_teacher")
+METRICS = ("fid", "kid", "psnr_vs_teacher", "ssim_vs_teacher")  # KID x1e3: unbiased at small sample counts
 # variant -> the weights it adds to the one before it
 VARIANTS = {
     "denoise": {"denoise_weight": 1.0, "output_kd_weight": 0.0},
@@ -93,8 +93,8 @@ def to_markdown(result: dict) -> str:
              f"{result['macs_ratio']:.3f} of the MACs (target {s['macs_target']}, magnitude); every variant recovers for "
              f"{s['steps']} steps at batch {s['batch_size']}, lr {s['lr']}, seed {s['seed']}; {s['samples']} samples, "
              f"{s['eval_steps']} DDIM steps, the same noise for every model.", "",
-             "| variant | loss weights | FID | PSNR vs teacher (dB) | SSIM vs teacher | distill time (s) |",
-             "|---|---|---|---|---|---|"]
+             "| variant | loss weights | FID | KID | PSNR vs teacher (dB) | SSIM vs teacher | distill time (s) |",
+             "|---|---|---|---|---|---|---|"]
     first = next(iter(result["variants"].values()))
     for role in ("teacher", "pruned"):
         q = first["quality"].get(role, {})
