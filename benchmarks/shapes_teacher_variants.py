@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from deploykit.bench.machine import command_line, device_info
+from deploykit.io import load_tensors, save_tensors
 from deploykit.zoo import get_entry, shapes
 
 HERE = Path(__file__).resolve().parent
@@ -90,9 +91,10 @@ def prepare(work: Path, device: str) -> None:
     cfg = SHAPES.teacher
     images, attrs = shapes.make_dataset(cfg.images, cfg.seed, held_out=False)
     mean, std = encode_latents(vae.to(device), images)
-    torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": vae.config.scaling_factor,
-                "input_ids": tokenize(tokenizer, [shapes.caption(a) for a in attrs]),
-                "empty_ids": tokenize(tokenizer, [""])[0]}, work / "data.pt")
+    save_tensors(work / "data.safetensors",
+                 {"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": torch.tensor(vae.config.scaling_factor),
+                  "input_ids": tokenize(tokenizer, [shapes.caption(a) for a in attrs]),
+                  "empty_ids": tokenize(tokenizer, [""])[0]})
 
 
 def train_variant(name: str, steps: int, every: int, work: Path, device: str, threads: int) -> None:
@@ -106,7 +108,7 @@ def train_variant(name: str, steps: int, every: int, work: Path, device: str, th
     entry = _variant(name, steps)
     vae, tokenizer, classifier = _load_shipped()
     vae.to(device)
-    data = torch.load(work / "data.pt")  # written by prepare() in this run
+    data = load_tensors(work / "data.safetensors")  # written by prepare() in this run
     prompts = shapes.evaluation_prompts(60, SHAPES.sampling.seed)
     curve: list[dict] = []
     started = time.perf_counter()
@@ -134,7 +136,7 @@ def train_variant(name: str, steps: int, every: int, work: Path, device: str, th
                                                        "unet_params": sum(p.numel() for p in unet.parameters()),
                                                        "curve": curve}))
 
-    train_text_and_unet(entry, (data["mean"].to(device), data["std"].to(device)), data["scaling_factor"],
+    train_text_and_unet(entry, (data["mean"].to(device), data["std"].to(device)), float(data["scaling_factor"]),
                         data["input_ids"], data["empty_ids"], entry.teacher, text_encoder=build_text_encoder(entry, tokenizer),
                         on_step=checkpoint, device=device)
 
