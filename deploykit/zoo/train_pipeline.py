@@ -201,6 +201,28 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
 
 
+def _timesteps(num_train_timesteps: int, cfg: PipelineTraining, gen: torch.Generator) -> torch.Tensor:
+    """Uniform training timesteps, with ``cfg.high_noise_share`` of them redrawn from the noisiest ones."""
+    t = torch.randint(0, num_train_timesteps, (cfg.batch_size,), generator=gen)
+    if cfg.high_noise_share > 0:
+        noisy = torch.rand(cfg.batch_size, generator=gen) < cfg.high_noise_share
+        t = torch.where(noisy, torch.randint(cfg.high_noise_from, num_train_timesteps, (cfg.batch_size,), generator=gen), t)
+    return t
+
+
+def _min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weights: the easy low-noise steps must not pull the gradient away from the ones that
+    decide layout and colour.
+
+    In x0 terms an epsilon loss weighs SNR and a v loss SNR + 1; both are capped at gamma. (Hang et al.'s
+    v form, min(SNR, gamma) / (SNR + 1), goes to 0 at the noisiest steps, which are the only ones where the
+    prompt alone says where a shape goes.)
+    """
+    if v_prediction:
+        return (snr + 1).clamp(max=gamma) / (snr + 1)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_text_and_unet(entry: PipelineZooEntry, latents: tuple[torch.Tensor, torch.Tensor], scaling_factor: float,
                         input_ids: torch.Tensor, empty_ids: torch.Tensor, cfg: PipelineTraining,
                         progress: Progress | None = None, text_encoder=None, on_step: Callable | None = None,
@@ -233,16 +255,13 @@ def train_text_and_unet(entry: PipelineZooEntry, latents: tuple[torch.Tensor, to
         ids = input_ids[idx].clone()
         ids[(torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout).to(device)] = empty_ids
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        t = _timesteps(noise_scheduler.config.num_train_timesteps, cfg, gen).to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             hidden = text(ids)[0]
             pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
         target = denoising_target(noise_scheduler, x0, noise, t)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        # Min-SNR-gamma: weight min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, so the easy low-noise
-        # steps do not pull the gradient away from the ones that decide layout and colour
-        weights = (snr[t].clamp(max=cfg.snr_gamma) / (snr[t] + 1 if v_prediction else snr[t])
-                   if cfg.snr_gamma > 0 else torch.ones_like(per_sample))
+        weights = _min_snr_weights(snr[t], cfg.snr_gamma, v_prediction) if cfg.snr_gamma > 0 else torch.ones_like(per_sample)
         loss = (per_sample * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
