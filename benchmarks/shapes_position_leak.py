@@ -37,13 +37,6 @@ HERE = Path(__file__).resolve().parent
 TIMESTEPS = (300, 500, 700, 850, 950, 999)
 
 
-def predicted_x0(scheduler, sample: torch.Tensor, output: torch.Tensor, t: int) -> torch.Tensor:
-    a = scheduler.alphas_cumprod[t]
-    if scheduler.config.prediction_type == "v_prediction":
-        return a.sqrt() * sample - (1 - a).sqrt() * output
-    return (sample - (1 - a).sqrt() * output) / a.sqrt()
-
-
 @torch.no_grad()
 def measure(folder: Path, classifier, images: int, seed: int) -> dict:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -73,7 +66,9 @@ def measure(folder: Path, classifier, images: int, seed: int) -> dict:
         ts = torch.full((images,), t)
         xt = scheduler.add_noise(x0, noise, ts)
         target = denoising_target(scheduler, x0, noise, ts)
-        decoded = vae.decode(predicted_x0(scheduler, xt, unet(xt, ts, encoder_hidden_states=empty).sample, t) / sf).sample
+        # diffusers' own x0 estimate, for whatever the teacher predicts (noise, velocity or sample)
+        x0_guess = scheduler.step(unet(xt, ts, encoder_hidden_states=empty).sample, t, xt).pred_original_sample
+        decoded = vae.decode(x0_guess / sf).sample
         read = classifier.read(decoded.clamp(-1, 1))["position"]
         a = scheduler.alphas_cumprod[t]
         rows.append({"t": t, "snr": float(a / (1 - a)),
