@@ -8,6 +8,7 @@ shared machine inflates absolute times; ratios come from round-robin rounds in o
 
     python benchmarks/recipe_build.py recipes/digits_int8_cpu.yaml --backends torch-cpu onnxruntime-cpu openvino-cpu
     python benchmarks/recipe_build.py recipes/sd15_int8_cpu.yaml --random-weights --backends torch-cpu onnxruntime-cpu
+    python benchmarks/recipe_build.py recipes/shapes_jetson_nano.yaml --set distill.denoise_weight=0 --name NAME
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--backends", nargs="+", help="the bench stage's backends (default: the recipe's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one recipe setting for this build, as `deploykit build --set` (repeatable)")
     parser.add_argument("--name", help="results file stem (default: the recipe's file name)")
     parser.add_argument("--keep", type=Path, help="also keep the artifact here (for benchmarks that read its graphs)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -51,6 +54,8 @@ def main() -> int:
             return 2
         # --set on the recipe file itself: files it names (prompt files) resolve against its own folder
         overrides = ["--set", f"bench.backends=[{', '.join(args.backends)}]"]
+    for setting in args.set:
+        overrides += ["--set", setting]
     name = args.name or args.recipe.stem
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "artifact"

@@ -67,8 +67,8 @@ def _ablation(work: Path, name: str, distill_update: dict) -> Path:
 
 
 def ablations(work: Path, overrides: tuple[str, ...]) -> dict:
-    """Prune and recover without 2:4: denoising loss only, and the recipe's full DaKD."""
-    denoise_only = {"output_kd_weight": 0.0, "feature_kd_weight": 0.0, "attention_kd_weight": 0.0,
+    """Prune and recover without 2:4: denoising loss only (Diff-Pruning's recovery), and the recipe's full DaKD."""
+    denoise_only = {"denoise_weight": 1.0, "output_kd_weight": 0.0, "feature_kd_weight": 0.0, "attention_kd_weight": 0.0,
                     "distribution_kd_weight": 0.0, "adversarial_weight": 0.0}
     return {"denoise": run_build(_ablation(work, "denoise", denoise_only), work / "denoise", overrides),
             "dakd": run_build(_ablation(work, "dakd", {}), work / "dakd", overrides)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import platform
@@ -142,6 +143,7 @@ def main() -> int:
         results[name]["speedup"] = latency["teacher"].p50_ms / latency[name].p50_ms
     versions = package_versions()
     result = {"command": command_line("benchmarks/t2i_decoder.py"), "teacher": f"zoo:{args.teacher}",
+              "date": datetime.date.today().isoformat(),
               "machine": {"platform": platform.platform(), **device_info()},
               "packages": {k: versions.get(k) for k in ("torch", "diffusers", "torch-pruning")},
               "latents": {"train": len(train), "held_out": len(test), "steps": 20, "guidance_scale": 7.5},
@@ -152,16 +154,17 @@ def main() -> int:
     (args.out / "t2i_decoder.json").write_text(json.dumps(result, indent=2) + "\n")
     t = result["timing"]
     lines = [f"# t2i_decoder: a pruned KL decoder against tiny decoders, zoo:{args.teacher}", "",
-             f"`{result['command']}` on {result['machine']['cpu']}, {result['machine']['threads']} threads; every candidate "
+             f"`{result['command']}` on {result['machine']['cpu']}, {result['machine']['threads']} threads, {result['date']}; "
+             f"torch {versions.get('torch')}, diffusers {versions.get('diffusers')}. Every candidate "
              f"distilled from the teacher's decoder for {config.steps} steps (batch {config.batch_size}) on {len(train)} "
              f"teacher latents, measured on {len(test)} held-out ones. Decode time: torch-cpu, batch {t['batch']}, all "
              f"decoders round-robin in one run of {t['runs']} rounds (load {t['load_before'][0]} -> {t['load_after'][0]}).",
              "", "| decoder | params | MACs / image | PSNR dB vs teacher decoder | SSIM | prompt accuracy | p50 ms | speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['params'] / 1e3:.0f}k | {r['macs'] / 1e6:.1f}M | {r.get('psnr_vs_teacher', float('nan')):.2f} "
-                     f"| {r.get('ssim_vs_teacher', float('nan')):.3f} | {100 * r['prompt_accuracy']:.1f}% | {r['p50_ms']:.1f} "
-                     f"| {r['speedup']:.2f}x |")
+        psnr, ssim = (f"{r['psnr_vs_teacher']:.2f}", f"{r['ssim_vs_teacher']:.3f}") if name != "teacher" else ("–", "–")
+        lines.append(f"| {name} | {r['params'] / 1e3:.0f}k | {r['macs'] / 1e6:.1f}M | {psnr} | {ssim} "
+                     f"| {100 * r['prompt_accuracy']:.1f}% | {r['p50_ms']:.1f} | {r['speedup']:.2f}x |")
     (args.out / "t2i_decoder.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines))
     return 0

@@ -225,6 +225,27 @@ def test_min_snr_weights_keep_the_noisiest_steps_for_v_prediction():
     eps = _min_snr_weights(snr[1:], 5.0, v_prediction=False)
     assert torch.allclose(eps, torch.tensor([1.0, 1.0, 1.0, 5.0 / 99.0]))
 
+
+def test_every_scheduler_rebuilt_from_a_zero_terminal_snr_config_keeps_that_schedule():
+    from diffusers import DDPMScheduler
+
+    from deploykit.runtime.sampling import make_pipeline_scheduler, make_scheduler
+    from deploykit.stages.data import noise_scheduler
+    from deploykit.zoo.registry import SD15_SCHEDULER
+
+    # a teacher trained on Lin et al.'s schedule (benchmarks/results/shapes_retrain_zero_snr trained one)
+    config = {**SD15_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+              "timestep_spacing": "trailing"}
+    trained = DDPMScheduler(**{k: v for k, v in config.items() if k != "set_alpha_to_one"})
+    assert float(trained.alphas_cumprod[-1]) < 1e-6  # the teacher saw pure noise at t = 999
+    # recovery noises samples with the schedule the teacher was trained on, not SD's un-rescaled one
+    assert torch.equal(noise_scheduler({"scheduler_config": config}).alphas_cumprod, trained.alphas_cumprod)
+    for sampler in (make_scheduler("ddim", config), make_pipeline_scheduler("ddim", config)):
+        assert torch.equal(sampler.alphas_cumprod, trained.alphas_cumprod)
+        sampler.set_timesteps(20)
+        assert int(sampler.timesteps[0]) == 999  # trailing: sampling starts where the prompt alone decides
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     zoo = tmp_path_factory.mktemp("zoo")

@@ -31,7 +31,8 @@ def make_scheduler(name: str, train_config: dict):
     """A diffusers scheduler for inference, configured like the one the model was trained with."""
     cls = _scheduler_class(name)
     kwargs = {k: v for k, v in train_config.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                              "beta_end", "prediction_type")}
+                                                              "beta_end", "prediction_type", "rescale_betas_zero_snr",
+                                                              "timestep_spacing")}
     if name == "ddim":
         kwargs.update(clip_sample=True, set_alpha_to_one=True)
     return cls(**kwargs)

@@ -82,4 +82,5 @@ def noise_scheduler(meta: dict):
 
     cfg = meta["scheduler_config"]
     return DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                                   "beta_end", "prediction_type")})
+                                                                   "beta_end", "prediction_type",
+                                                                   "rescale_betas_zero_snr")})
