@@ -27,12 +27,20 @@ def make_pipeline_scheduler(name: str, pipeline_config: dict):
     return _scheduler_class(name).from_config({"clip_sample": False, "set_alpha_to_one": False, **pipeline_config})
 
 
+# The keys of a scheduler config that describe how the model was trained: its noise schedule and what it
+# predicts. A scheduler rebuilt from a teacher's config (for sampling, or for noising in recovery) keeps these.
+TRAINED_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                         "rescale_betas_zero_snr", "timestep_spacing")
+
+
+def trained_schedule(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in TRAINED_SCHEDULE_KEYS}
+
+
 def make_scheduler(name: str, train_config: dict):
     """A diffusers scheduler for inference, configured like the one the model was trained with."""
     cls = _scheduler_class(name)
-    kwargs = {k: v for k, v in train_config.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                              "beta_end", "prediction_type", "rescale_betas_zero_snr",
-                                                              "timestep_spacing")}
+    kwargs = trained_schedule(train_config)
     if name == "ddim":
         kwargs.update(clip_sample=True, set_alpha_to_one=True)
     return cls(**kwargs)

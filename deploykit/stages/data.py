@@ -80,7 +80,6 @@ def load_teacher_pipeline(teacher_dir: Path, unet: torch.nn.Module):
 def noise_scheduler(meta: dict):
     from diffusers import DDPMScheduler
 
-    cfg = meta["scheduler_config"]
-    return DDPMScheduler(**{k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                                   "beta_end", "prediction_type",
-                                                                   "rescale_betas_zero_snr")})
+    from deploykit.runtime.sampling import trained_schedule
+
+    return DDPMScheduler(**trained_schedule(meta["scheduler_config"]))
