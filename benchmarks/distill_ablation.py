@@ -1,7 +1,7 @@
 """DaKD ablation on the zoo teacher: `python benchmarks/distill_ablation.py`.
 
 The teacher pruned once to half its MACs (magnitude criterion), then recovered with the same steps,
-batch, learning rate and seed under a growing loss, one term added per variant:
+batch, learning rate and seed under a growing loss, one term added per variant (the last takes one away):
 
 1. ``denoise``: the denoising loss alone (Diff-Pruning's recovery)
 2. ``+ output KD``
@@ -9,6 +9,7 @@ batch, learning rate and seed under a growing loss, one term added per variant:
 4. ``+ attention KD``
 5. ``+ distribution KD`` (KL of the spatial softmaxes of the noise, temperature tau; NiCI)
 6. ``+ adversarial``: full DaKD
+7. ``no-denoise``: full DaKD without the denoising term (what the text-to-image recipes ship)
 
 Each variant is evaluated the same way: FID on the zoo classifier's features against the real
 digits, PSNR / SSIM against the teacher's samples from the same noise. Every build writes into one
@@ -45,6 +46,7 @@ VARIANTS = {
     "+attention-kd": {"attention_kd_weight": None},
     "+distribution-kd": {"distribution_kd_weight": None},
     "+adversarial": {"adversarial_weight": None},
+    "no-denoise": {"denoise_weight": 0.0},
 }
 
 
@@ -67,7 +69,7 @@ def recipe_for(args, name: str, weights: dict) -> dict:
     if weights.get("adversarial_weight"):
         distill["adversarial_warmup"] = min(args.adversarial_warmup, args.steps - 1)
     return {
-        "name": f"ablation-{name.strip('+')}",
+        "name": f"ablation-{name.strip('+-')}",
         "teacher": args.teacher,
         "seed": args.seed,
         "stages": [
@@ -141,7 +143,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "artifact"  # one folder: teacher and prune are cached after the first variant
         for name in args.variants:
-            path = Path(tmp) / f"{name.strip('+')}.yaml"
+            path = Path(tmp) / f"{name.strip('+-')}.yaml"
             path.write_text(yaml.safe_dump(recipe_for(args, name, weights[name]), sort_keys=False))
             console.rule(f"{name}: " + ", ".join(f"{k} {v:g}" for k, v in weights[name].items() if v))
             t = time.perf_counter()

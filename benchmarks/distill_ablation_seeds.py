@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 METRICS = ("fid", "kid", "psnr_vs_teacher", "ssim_vs_teacher")
 BASE = "+output-kd"
+FULL, NO_DENOISE = "+adversarial", "no-denoise"
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -43,8 +44,14 @@ def summarize(runs: list[dict]) -> dict:
                 continue
             gains[v] = {m: [r["variants"][v]["quality"]["student"][m] - r["variants"][BASE]["quality"]["student"][m]
                             for r in runs] for m in METRICS}
+    # the last variant takes the denoising term out of full DaKD: read it against full DaKD, not output KD
+    without = {}
+    if {FULL, NO_DENOISE} <= set(variants):
+        without = {m: [r["variants"][NO_DENOISE]["quality"]["student"][m] - r["variants"][FULL]["quality"]["student"][m]
+                       for r in runs] for m in METRICS}
     return {"seeds": seeds, "settings": settings[0], "commands": [r["command"] for r in runs],
-            "machines": [r["machine"] for r in runs], "table": table, "against_output_kd": gains}
+            "machines": [r["machine"] for r in runs], "table": table, "against_output_kd": gains,
+            "without_denoise": without}
 
 
 def markdown(summary: dict) -> str:
@@ -72,6 +79,12 @@ def markdown(summary: dict) -> str:
             cells = [" / ".join(f"{x:+.2f}" for x in g[m]) for m in ("fid", "kid", "psnr_vs_teacher")]
             cells.append(" / ".join(f"{x:+.3f}" for x in g["ssim_vs_teacher"]))
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    if summary.get("without_denoise"):
+        g = summary["without_denoise"]
+        lines += ["", f"`{NO_DENOISE}` against full DaKD (`{FULL}`) of the same seed: "
+                  + "; ".join(f"Δ{label} " + " / ".join(f"{x:+.3f}" for x in g[m])
+                              for label, m in (("FID", "fid"), ("KID", "kid"), ("PSNR dB", "psnr_vs_teacher"),
+                                               ("SSIM", "ssim_vs_teacher"))) + "."]
     return "\n".join(lines) + "\n"
 
 
