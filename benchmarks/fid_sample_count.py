@@ -88,7 +88,6 @@ def main() -> int:
     counts = sorted(args.counts)
 
     started = time.perf_counter()
-    torch.manual_seed(0)
     teacher = load_teacher(args.teacher)
     backend = TorchBackend(teacher.model.eval())
     extractor = feature_extractor(get_entry(args.teacher.removeprefix("zoo:")).folder)
