@@ -108,3 +108,14 @@ def test_every_onnx_runtime_session_has_the_same_options(tmp_path, tiny_unet):
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
         assert options.intra_op_num_threads == cpu_threads()
+
+
+def test_the_machine_name_says_which_vector_isa_the_cpu_has():
+    from deploykit.bench.machine import cpu_features
+
+    # two parts both sold as "AMD EPYC": INT8 and bf16 figures differ between them
+    assert cpu_features({"fpu", "sse4_2", "avx", "avx2", "fma"}) == ["AVX2"]
+    assert cpu_features({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}) == ["AVX-512", "VNNI", "BF16"]
+    assert cpu_features({"avx2", "avx_vnni"}) == ["AVX2", "AVX-VNNI"]
+    assert cpu_features({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"})[-1] == "AMX"
+    assert cpu_features({"neon"}) == []
