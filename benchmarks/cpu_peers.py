@@ -4,7 +4,9 @@
 dense teacher and the pruned student as torch models, their fp32 ONNX UNets and the quantize
 stage's INT8 QDQ UNets), and times one UNet call of each configuration: torch eager fp32, ONNX
 Runtime fp32 and INT8, OpenVINO fp32 and INT8 (the same ONNX files), and OpenVINO in its default
-precision on this CPU (bf16 where the CPU has bf16 instructions), dense and pruned.
+precision on this CPU (bf16 where the CPU has bf16 instructions), dense and pruned. The fastest
+student and the fastest dense configuration are picked from all of them, OpenVINO's default included:
+on an AMX Xeon bf16 beats INT8.
 
 One window, round-robin: each round visits every configuration in turn (each round starting one
 later). On a 23 GB machine the SD1.5 configurations do not all fit in memory at once, so each turn
@@ -35,7 +37,7 @@ import torch
 from deploykit.artifact import package_versions
 from deploykit.bench import Rounds
 from deploykit.bench.machine import command_line, device_info
-from deploykit.bench.peers import Config, peers
+from deploykit.bench.peers import RUNTIME_DEFAULT, Config, peers
 from deploykit.models import count_macs, load_model
 from deploykit.runtime import TorchBackend, cpu_threads
 from deploykit.runtime.backends import onnx_backend
@@ -43,7 +45,6 @@ from deploykit.runtime.openvino import OpenVINOBackend
 from deploykit.stages.data import example_inputs, teacher_meta
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_PRECISION = "default"  # OpenVINO's own INFERENCE_PRECISION_HINT on this CPU
 
 
 def log(msg: str) -> None:
@@ -55,11 +56,6 @@ def stage(artifact: Path, name: str) -> Path:
     if not found:
         raise SystemExit(f"error: {artifact} has no {name} stage")
     return found[-1]
-
-
-def rkey(c: Config) -> str:
-    """The configuration's name in the window (OpenVINO's default precision beside its fp32)."""
-    return c.key + (" default" if c.precision == DEFAULT_PRECISION else "")
 
 
 def loaders(artifact: Path, cache: Path) -> dict[Config, Callable[[], Callable]]:
@@ -77,7 +73,7 @@ def loaders(artifact: Path, cache: Path) -> dict[Config, Callable[[], Callable]]
             precision = "int8" if m.endswith("-int8") else "fp32"
             out[Config(backend, m, precision)] = (lambda b=backend, p=path: onnx_backend(b, p, cache / b if b == "openvino-cpu" else None))
     for r, path in onnx.items():
-        out[Config("openvino-cpu", r, DEFAULT_PRECISION)] = lambda p=path: OpenVINOBackend(p, cache_dir=cache / "default",
+        out[Config("openvino-cpu", r, RUNTIME_DEFAULT)] = lambda p=path: OpenVINOBackend(p, cache_dir=cache / "default",
                                                                                           precision=None)
     return out
 
@@ -100,12 +96,15 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {v['model']} | {result['macs_ratio'] if not v['dense'] else 1.0:.3f} | {v['backend']} | "
                      f"{v['precision']} | {v['p50_ms']:.1f} | {v['p90_ms']:.1f} | **{ref / v['p50_ms']:.2f}x** "
                      f"({v['vs_torch_eager_pair_median']:.2f}x) |")
-    lines += ["", f"Fastest student: {p['student']['model']} on {p['student']['config']}, {p['student']['p50_ms']:.1f} ms.", ""]
+    def named(label: str) -> str:  # "openvino-cpu default" -> "openvino-cpu default (bf16)"
+        return label + (f" ({result['openvino_default_precision']})" if label.endswith(f" {RUNTIME_DEFAULT}") else "")
+
+    lines += ["", f"Fastest student: {p['student']['model']} on {named(p['student']['config'])}, {p['student']['p50_ms']:.1f} ms.", ""]
     for key, v in p.items():
         if key.startswith("vs_"):
-            lines.append(f"- `{key}`: **{v['speedup']:.2f}x** over {v['config']} ({v['p50_ms']:.1f} ms; per-round median "
+            lines.append(f"- `{key}`: **{v['speedup']:.2f}x** over {named(v['config'])} ({v['p50_ms']:.1f} ms; per-round median "
                          f"{v['speedup_pair_median']:.2f}x)")
-    if "vs_openvino_default" in result:
+    if "vs_openvino_default" in result and p["vs_fastest_dense"]["config"] != f"openvino-cpu {RUNTIME_DEFAULT}":
         v = result["vs_openvino_default"]
         lines.append(f"- against OpenVINO's default precision ({result['openvino_default_precision']}, dense): "
                      f"**{v['speedup']:.2f}x** ({v['p50_ms']:.1f} ms)")
@@ -141,21 +140,19 @@ def main() -> int:
                 gc.collect()
         load_before = os.getloadavg()
         keys = list(load)
-        times: dict[str, list[float]] = {rkey(c): [] for c in keys}
+        times: dict[str, list[float]] = {c.key: [] for c in keys}
         for i in range(args.rounds):
             for config in keys[i % len(keys):] + keys[:i % len(keys)]:
                 call = load[config]()
                 call(*inputs)
                 started = time.perf_counter()
                 call(*inputs)
-                times[rkey(config)].append(time.perf_counter() - started)
+                times[config.key].append(time.perf_counter() - started)
                 del call
                 gc.collect()
             log(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f}" for k, v in times.items()))
         load_after = os.getloadavg()
     rounds = Rounds(times)
-    # peers over fp32 and INT8, as the bench stage reports them; OpenVINO's default precision beside them
-    measured = [c for c in keys if c.precision != DEFAULT_PRECISION]
     result = {
         "name": args.name, "command": command_line("benchmarks/cpu_peers.py"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -164,14 +161,14 @@ def main() -> int:
         "load_average": {"before": list(load_before), "after": list(load_after)},
         "machine": {**device_info(), "platform": platform.platform()},
         "packages": {k: package_versions().get(k) for k in ("torch", "onnxruntime", "openvino")},
-        "configs": {rkey(c): {"backend": c.backend, "model": c.model, "dense": c.dense,
-                              "precision": c.precision if c.precision != DEFAULT_PRECISION else f"default ({default_precision})",
-                              **rounds.latency(rkey(c)).__dict__,
-                              "vs_torch_eager_pair_median": rounds.ratio_median("torch-cpu teacher", rkey(c))} for c in keys},
-        "peers": peers(rounds, measured, Config("torch-cpu", "teacher", "fp32")),
+        "configs": {c.key: {"backend": c.backend, "model": c.model, "dense": c.dense,
+                              "precision": c.precision if c.precision != RUNTIME_DEFAULT else f"default ({default_precision})",
+                              **rounds.latency(c.key).__dict__,
+                              "vs_torch_eager_pair_median": rounds.ratio_median("torch-cpu teacher", c.key)} for c in keys},
+        "peers": peers(rounds, keys, Config("torch-cpu", "teacher", "fp32")),
     }
     best = result["peers"]["student"]
-    best_key = next(c.key for c in measured if c.label == best["config"] and c.model == best["model"])
+    best_key = next(c.key for c in keys if c.label == best["config"] and c.model == best["model"])
     default = rounds.latency("openvino-cpu teacher default").p50_ms
     result["vs_openvino_default"] = {"p50_ms": default, "speedup": default / best["p50_ms"],
                                      "speedup_pair_median": rounds.ratio_median("openvino-cpu teacher default", best_key)}

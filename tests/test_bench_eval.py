@@ -93,6 +93,25 @@ def test_peers_from_one_window_of_rounds():
     assert "vs_dense_torch_eager_fp32" not in peers(rounds, configs[2:], None)
 
 
+def test_peers_count_a_runtimes_own_precision_and_time_it_apart_from_its_fp32():
+    """OpenVINO's default precision (bf16 on an AMX Xeon) beat its INT8 there, dense and pruned; the
+    peers must pick it as the fastest of both, not the fp32 model of the same name."""
+    from deploykit.bench import Rounds
+    from deploykit.bench.peers import RUNTIME_DEFAULT, Config, peers
+
+    configs = [Config("torch-cpu", "teacher", "fp32"), Config("openvino-cpu", "teacher", "fp32"),
+               Config("openvino-cpu", "teacher", RUNTIME_DEFAULT), Config("openvino-cpu", "teacher-int8", "int8"),
+               Config("openvino-cpu", "student", "fp32"), Config("openvino-cpu", "student", RUNTIME_DEFAULT),
+               Config("openvino-cpu", "student-int8", "int8")]
+    assert len({c.key for c in configs}) == len(configs)
+    seconds = [2.6, 1.7, 0.51, 0.53, 0.8, 0.28, 0.34]
+    out = peers(Rounds({c.key: [s, s] for c, s in zip(configs, seconds)}), configs, configs[0])
+    assert out["student"] == {"config": "openvino-cpu default", "model": "student", "p50_ms": pytest.approx(280)}
+    assert out["vs_fastest_dense"]["config"] == "openvino-cpu default"
+    assert out["vs_fastest_dense"]["speedup"] == pytest.approx(0.51 / 0.28)
+    assert out["vs_dense_torch_eager_fp32"]["speedup"] == pytest.approx(2.6 / 0.28)
+
+
 def test_every_onnx_runtime_session_has_the_same_options(tmp_path, tiny_unet):
     """One place configures ONNX Runtime: the bench's and runtime's backend and the checks' sessions alike
     do not spin idle threads, and use the same number of threads as the other CPU backends."""

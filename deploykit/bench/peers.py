@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 from deploykit.bench.latency import Rounds
 
+# A runtime's own inference precision (OpenVINO's INFERENCE_PRECISION_HINT: bf16 on CPUs with AVX-512 BF16
+# or AMX). It counts among the configurations a user could run: on an AMX Xeon it is the fastest, dense
+# and pruned alike.
+RUNTIME_DEFAULT = "default"
 
 @dataclass(frozen=True)
 class Config:
@@ -20,11 +24,12 @@ class Config:
 
     backend: str
     model: str      # teacher, student, teacher-int8, student-int8
-    precision: str  # fp32, fp16 or int8
+    precision: str  # fp32, fp16, int8 or RUNTIME_DEFAULT
 
     @property
     def key(self) -> str:
-        return f"{self.backend} {self.model}"
+        # the model's name implies fp32 / fp16 / int8; the runtime's own choice is timed beside its fp32
+        return f"{self.backend} {self.model}" + (f" {RUNTIME_DEFAULT}" if self.precision == RUNTIME_DEFAULT else "")
 
     @property
     def label(self) -> str:

@@ -67,7 +67,7 @@ class OpenVINOBackend(GraphBackend):
             core.set_property({"CACHE_DIR": str(cache_dir)})
         # compiled from the path, so that a cached model is imported without reading the graph first
         self.compiled = core.compile_model(str(onnx_path), "CPU", compile_config(threads, precision))
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
         self.request = self.compiled.create_infer_request()
         self.inputs = [(port.get_any_name(), port.get_element_type().to_dtype().type, port.get_partial_shape().rank.get_length())
                        for port in self.compiled.inputs]
