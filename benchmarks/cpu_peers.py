@@ -4,9 +4,9 @@
 dense teacher and the pruned student as torch models, their fp32 ONNX UNets and the quantize
 stage's INT8 QDQ UNets), and times one UNet call of each configuration: torch eager fp32, ONNX
 Runtime fp32 and INT8, OpenVINO fp32 and INT8 (the same ONNX files), and OpenVINO in its default
-precision on this CPU (bf16 where the CPU has bf16 instructions), dense and pruned. The fastest
-student and the fastest dense configuration are picked from all of them, OpenVINO's default included:
-on an AMX Xeon bf16 beats INT8.
+precision on this CPU (bf16 where the CPU has bf16 instructions) for the fp32 graphs and for the float
+layers of the INT8 ones, dense and pruned. The fastest student and the fastest dense configuration are
+picked from all of them, OpenVINO's default included: on an AMX Xeon bf16 beats INT8 with fp32 float layers.
 
 One window, round-robin: each round visits every configuration in turn (each round starting one
 later). On a 23 GB machine the SD1.5 configurations do not all fit in memory at once, so each turn
@@ -72,7 +72,7 @@ def loaders(artifact: Path, cache: Path) -> dict[Config, Callable[[], Callable]]
         for m, path in {**onnx, **int8}.items():
             precision = "int8" if m.endswith("-int8") else "fp32"
             out[Config(backend, m, precision)] = (lambda b=backend, p=path: onnx_backend(b, p, cache / b if b == "openvino-cpu" else None))
-    for r, path in onnx.items():
+    for r, path in {**onnx, **int8}.items():
         out[Config("openvino-cpu", r, RUNTIME_DEFAULT)] = lambda p=path: OpenVINOBackend(p, cache_dir=cache / "default",
                                                                                           precision=None)
     return out
@@ -162,7 +162,8 @@ def main() -> int:
         "machine": {**device_info(), "platform": platform.platform()},
         "packages": {k: package_versions().get(k) for k in ("torch", "onnxruntime", "openvino")},
         "configs": {c.key: {"backend": c.backend, "model": c.model, "dense": c.dense,
-                              "precision": c.precision if c.precision != RUNTIME_DEFAULT else f"default ({default_precision})",
+                              "precision": c.label.removeprefix(f"{c.backend} ").replace(
+                                  RUNTIME_DEFAULT, f"{RUNTIME_DEFAULT} ({default_precision})"),
                               **rounds.latency(c.key).__dict__,
                               "vs_torch_eager_pair_median": rounds.ratio_median("torch-cpu teacher", c.key)} for c in keys},
         "peers": peers(rounds, keys, Config("torch-cpu", "teacher", "fp32")),

@@ -112,6 +112,30 @@ def test_peers_count_a_runtimes_own_precision_and_time_it_apart_from_its_fp32():
     assert out["vs_dense_torch_eager_fp32"]["speedup"] == pytest.approx(2.6 / 0.28)
 
 
+def test_peers_time_an_int8_graph_under_the_runtimes_own_precision_apart_from_the_fp32_graph():
+    """A QDQ graph handed to OpenVINO with no settings runs its float layers in the CPU's default
+    precision: that configuration is timed and reported under its own key and label, never merged with
+    the fp32 graph's default or the INT8 graph's fp32 run."""
+    from deploykit.bench import Rounds
+    from deploykit.bench.peers import RUNTIME_DEFAULT, Config, peers
+
+    configs = [Config("torch-cpu", "teacher", "fp32"),
+               Config("openvino-cpu", "teacher", RUNTIME_DEFAULT), Config("openvino-cpu", "teacher-int8", "int8"),
+               Config("openvino-cpu", "teacher-int8", RUNTIME_DEFAULT),
+               Config("openvino-cpu", "student", RUNTIME_DEFAULT), Config("openvino-cpu", "student-int8", "int8"),
+               Config("openvino-cpu", "student-int8", RUNTIME_DEFAULT)]
+    assert len({c.key for c in configs}) == len(configs)
+    assert len({c.label for c in configs if c.dense}) == sum(c.dense for c in configs)
+    seconds = [2.6, 0.51, 0.53, 0.45, 0.28, 0.34, 0.21]
+    out = peers(Rounds({c.key: [s, s] for c, s in zip(configs, seconds)}), configs, configs[0])
+    assert out["student"] == {"config": "openvino-cpu int8 default", "model": "student-int8", "p50_ms": pytest.approx(210)}
+    assert out["vs_fastest_dense"]["config"] == "openvino-cpu int8 default"
+    assert out["vs_fastest_dense"]["speedup"] == pytest.approx(0.45 / 0.21)
+    assert out["measured_p50_ms"]["dense"] == {"torch-cpu fp32": pytest.approx(2600), "openvino-cpu default": pytest.approx(510),
+                                               "openvino-cpu int8": pytest.approx(530),
+                                               "openvino-cpu int8 default": pytest.approx(450)}
+
+
 def test_every_onnx_runtime_session_has_the_same_options(tmp_path, tiny_unet):
     """One place configures ONNX Runtime: the bench's and runtime's backend and the checks' sessions alike
     do not spin idle threads, and use the same number of threads as the other CPU backends."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from deploykit.bench.latency import Rounds
 
 # A runtime's own inference precision (OpenVINO's INFERENCE_PRECISION_HINT: bf16 on CPUs with AVX-512 BF16
-# or AMX). It counts among the configurations a user could run: on an AMX Xeon it is the fastest, dense
-# and pruned alike.
+# or AMX), for fp32 graphs and for the float layers of INT8 (QDQ) graphs alike: it is what a user gets who
+# hands OpenVINO the ONNX file and sets nothing, and on an AMX Xeon it is the fastest, dense and pruned.
 RUNTIME_DEFAULT = "default"
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class Config:
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}"
+        # an INT8 graph under the runtime's own choice: its quantized layers in INT8, the rest in that precision
+        quantized = "int8 " if self.model.endswith("-int8") and self.precision == RUNTIME_DEFAULT else ""
+        return f"{self.backend} {quantized}{self.precision}"
 
     @property
     def dense(self) -> bool:
