@@ -162,8 +162,7 @@ def main() -> int:
         "machine": {**device_info(), "platform": platform.platform()},
         "packages": {k: package_versions().get(k) for k in ("torch", "onnxruntime", "openvino")},
         "configs": {c.key: {"backend": c.backend, "model": c.model, "dense": c.dense,
-                              "precision": c.label.removeprefix(f"{c.backend} ").replace(
-                                  RUNTIME_DEFAULT, f"{RUNTIME_DEFAULT} ({default_precision})"),
+                              "precision": c.setting.replace(RUNTIME_DEFAULT, f"{RUNTIME_DEFAULT} ({default_precision})"),
                               **rounds.latency(c.key).__dict__,
                               "vs_torch_eager_pair_median": rounds.ratio_median("torch-cpu teacher", c.key)} for c in keys},
         "peers": peers(rounds, keys, Config("torch-cpu", "teacher", "fp32")),

@@ -32,10 +32,15 @@ class Config:
         return f"{self.backend} {self.model}" + (f" {RUNTIME_DEFAULT}" if self.precision == RUNTIME_DEFAULT else "")
 
     @property
+    def setting(self) -> str:
+        """The precision as a reader needs it: an INT8 graph under the runtime's own choice is "int8 default"
+        (its quantized layers in INT8, the rest in that precision)."""
+        quantized = self.model.endswith("-int8") and self.precision == RUNTIME_DEFAULT
+        return f"int8 {self.precision}" if quantized else self.precision
+
+    @property
     def label(self) -> str:
-        # an INT8 graph under the runtime's own choice: its quantized layers in INT8, the rest in that precision
-        quantized = "int8 " if self.model.endswith("-int8") and self.precision == RUNTIME_DEFAULT else ""
-        return f"{self.backend} {quantized}{self.precision}"
+        return f"{self.backend} {self.setting}"
 
     @property
     def dense(self) -> bool:
